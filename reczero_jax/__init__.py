@@ -1,0 +1,1 @@
+"""RecZero / RecOne in JAX."""

@@ -1,0 +1,6 @@
+"""Llama / Qwen2 decoder (Flax NNX) and its Hugging Face interop."""
+
+from reczero_jax.models.config import ModelConfig
+from reczero_jax.models.decoder import Decoder, KVCache, Prefix
+
+__all__ = ["Decoder", "KVCache", "ModelConfig", "Prefix"]

@@ -1,0 +1,306 @@
+"""The Llama / Qwen2 decoder as one Flax NNX module, with grouped (shared-prompt) attention.
+
+Shapes: B prompts, G samples per prompt, T query tokens, S self keys, P prompt keys,
+L layers, d model width, H query heads, K key/value heads, D head dim, I MLP width, V vocab.
+
+Every forward works on the grouped layout ``tokens [B, G, T]``. A group's G sequences may
+attend to a shared *prefix* (the prompt's keys and values, ``[L, B, P, K, D]``, stored once)
+and to their own keys (``[.., B, G, S, K, D]``). The softmax over the two key sets is taken
+jointly (one max, one denominator), which is exactly attention over their concatenation, so
+
+* the plain forward is G = 1 with no prefix,
+* sampling prefills the prompt once and decodes G samples against that one prefix,
+* training runs the prompt once per group and the G responses against its keys and values,
+
+all with one module, so sampler and trainer log-probs agree by construction.
+Layer weights are stacked on a leading L axis and the layers run under ``jax.lax.scan``
+(one compiled block, whatever the depth).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from reczero_jax.mesh import logical_to_spec
+from reczero_jax.models.config import ModelConfig
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: ``[L, B, P, K, D]`` (a prompt) or ``[L, B, G, S, K, D]``."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class Prefix(NamedTuple):
+    """A shared prompt: its per-layer keys/values ``[L, B, P, K, D]`` and validity mask ``[B, P]``."""
+
+    kv: KVCache
+    mask: jax.Array
+
+
+# ----------------------------------------------------------------------------- maths
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (scale.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+    """inv_freq[j] = theta^(-2j/D), j < D/2, with llama3 frequency scaling when configured.
+
+    llama3: wavelengths longer than ``original_max / low_freq_factor`` are divided by
+    ``factor``, shorter than ``original_max / high_freq_factor`` kept, and the band between
+    interpolated linearly in ``original_max / wavelength``.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling_dict
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    interpolated = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = (wavelength >= original / high) & (wavelength <= original / low)
+    return jnp.where(in_band, interpolated, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, half-split convention: x*cos + rotate_half(x)*sin.
+
+    x: [..., T, N, D]; positions: [..., T] int.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., T, D/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], axis=-1))[..., None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], axis=-1))[..., None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array,
+                      prefix: tuple[jax.Array, jax.Array, jax.Array] | None) -> jax.Array:
+    """Softmax attention of each sequence over a shared prefix and its own keys, jointly.
+
+    q: [B, G, T, H, D]; k, v: [B, G, S, K, D]; self_mask: [B, G, T, S] bool;
+    prefix: (k [B, P, K, D], v [B, P, K, D], mask [B, P]) or None. Returns [B, G, T, H, D].
+
+    With s1 = q.k_prefix / sqrt(D), s2 = q.k_self / sqrt(D), m = max(s1, s2):
+    out = (exp(s1 - m) v_prefix + exp(s2 - m) v_self) / (sum exp(s1 - m) + sum exp(s2 - m)),
+    which is softmax attention over the concatenated keys, without copying the prefix G times.
+    """
+    b, g, t, h, d = q.shape
+    kv_heads = k.shape[-2]
+    q = q.reshape(b, g, t, kv_heads, h // kv_heads, d).astype(jnp.float32) / math.sqrt(d)
+    scores = jnp.einsum("bgtkhd,bgskd->bgtkhs", q, k.astype(jnp.float32))
+    scores = jnp.where(self_mask[:, :, :, None, None, :], scores, _MASKED)
+    peak = scores.max(axis=-1, keepdims=True)
+    if prefix is not None:
+        prefix_k, prefix_v, prefix_mask = prefix
+        prefix_scores = jnp.einsum("bgtkhd,bpkd->bgtkhp", q, prefix_k.astype(jnp.float32))
+        prefix_scores = jnp.where(prefix_mask[:, None, None, None, None, :], prefix_scores, _MASKED)
+        peak = jnp.maximum(peak, prefix_scores.max(axis=-1, keepdims=True))
+    weights = jnp.exp(scores - peak)
+    denominator = weights.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("bgtkhs,bgskd->bgtkhd", weights, v.astype(jnp.float32))
+    if prefix is not None:
+        prefix_weights = jnp.exp(prefix_scores - peak)
+        denominator = denominator + prefix_weights.sum(axis=-1, keepdims=True)
+        out = out + jnp.einsum("bgtkhp,bpkd->bgtkhd", prefix_weights, prefix_v.astype(jnp.float32))
+    out = out / denominator[..., 0][..., None]
+    return out.reshape(b, g, t, h, d).astype(v.dtype)
+
+
+def causal_mask(mask: jax.Array) -> jax.Array:
+    """[..., T] validity -> [..., T, T] mask: query i sees valid keys j <= i."""
+    t = mask.shape[-1]
+    lower = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return lower & mask.astype(bool)[..., None, :]
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Left-padded [..., T] mask -> positions counting valid tokens from 0 (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ----------------------------------------------------------------------------- module
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std=0.02):
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class DecoderLayers(nnx.Module):
+    """All L transformer blocks, each weight stacked on a leading ``layers`` axis."""
+
+    def __init__(self, config: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        n, d, i = config.num_layers, config.hidden_size, config.intermediate_size
+        h, kv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+        self.attn_norm = nnx.Param(jnp.ones((n, d), param_dtype), logical_axes=("layers", "norm"))
+        self.wq = _param(rngs, (n, d, h, hd), ("layers", "embed", "heads", "head_dim"), param_dtype)
+        self.wk = _param(rngs, (n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"),
+                         param_dtype)
+        self.wv = _param(rngs, (n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim"),
+                         param_dtype)
+        if config.attention_bias:
+            self.bq = _param(rngs, (n, h, hd), ("layers", "heads", "head_dim"), param_dtype)
+            self.bk = _param(rngs, (n, kv, hd), ("layers", "kv_heads", "head_dim"), param_dtype)
+            self.bv = _param(rngs, (n, kv, hd), ("layers", "kv_heads", "head_dim"), param_dtype)
+        self.wo = _param(rngs, (n, h, hd, d), ("layers", "heads", "head_dim", "embed"), param_dtype)
+        self.mlp_norm = nnx.Param(jnp.ones((n, d), param_dtype), logical_axes=("layers", "norm"))
+        self.w_gate = _param(rngs, (n, d, i), ("layers", "embed", "mlp"), param_dtype)
+        self.w_up = _param(rngs, (n, d, i), ("layers", "embed", "mlp"), param_dtype)
+        self.w_down = _param(rngs, (n, i, d), ("layers", "mlp", "embed"), param_dtype)
+
+    def stacked(self) -> dict[str, jax.Array]:
+        """The raw stacked weight arrays, keyed by name (the scan's ``xs``)."""
+        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+class Decoder(nnx.Module):
+    """Llama / Qwen2 decoder. ``dtype`` is the compute dtype; parameters keep ``param_dtype``.
+
+    ``mesh`` (optional, static) turns on activation sharding constraints: the batch over
+    ``("data", "fsdp")``. ``remat`` recomputes each block in the backward pass.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs, mesh: Mesh | None = None, remat: bool = False):
+        self.config = config
+        self.dtype = dtype
+        self.mesh = mesh
+        self.remat = remat
+        self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
+                            param_dtype)
+        self.layers = DecoderLayers(config, param_dtype=param_dtype, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), param_dtype),
+                                    logical_axes=("norm",))
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size),
+                                  ("embed", "vocab"), param_dtype)
+
+    # -- public entry points --------------------------------------------------------
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        """Plain causal forward. input_ids, attention_mask: [B, T] (left padding) -> logits [B, T, V]."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        hidden, _ = self.forward(input_ids[:, None], positions[:, None],
+                                 causal_mask(attention_mask)[:, None])
+        return self.logits(hidden[:, 0])
+
+    def forward(self, tokens: jax.Array, positions: jax.Array, self_mask: jax.Array, *,
+                prefix: Prefix | None = None, return_kv: bool = False
+                ) -> tuple[jax.Array, KVCache | None]:
+        """Grouped forward over whole segments (training, prefill).
+
+        tokens, positions: [B, G, T]; self_mask: [B, G, T, T]; prefix: shared prompt or None.
+        Returns the final-normed hidden states [B, G, T, d] and, if ``return_kv``, this
+        segment's keys/values [L, B, G, T, K, D].
+        """
+        x = self._constrain(self.embed[...][tokens].astype(self.dtype))
+        positions = positions.astype(jnp.int32)
+
+        def block(x, xs):
+            weights, prefix_kv = xs
+            layer_prefix = None if prefix is None else (*prefix_kv, prefix.mask)
+            x, kv = self._block(weights, x, positions, self_mask, layer_prefix)
+            return x, (kv if return_kv else None)
+
+        prefix_kv = None if prefix is None else (prefix.kv.k, prefix.kv.v)
+        x, kv = jax.lax.scan(self._maybe_remat(block), x, (self.layers.stacked(), prefix_kv))
+        hidden = rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
+        return hidden, (KVCache(*kv) if return_kv else None)
+
+    def decode_step(self, tokens: jax.Array, positions: jax.Array, prefix: Prefix,
+                    cache: KVCache, index: jax.Array, cache_mask: jax.Array
+                    ) -> tuple[jax.Array, KVCache]:
+        """One decoding step of G samples per prompt against their shared prompt.
+
+        tokens, positions: [B, G]; cache: response keys/values [L, B, G, R, K, D], written
+        at ``index``; cache_mask: [B, G, R] valid response keys (including ``index``).
+        Returns logits [B, G, V] (float32) and the updated cache.
+        """
+        x = self._constrain(self.embed[...][tokens[:, :, None]].astype(self.dtype))
+        positions = positions[:, :, None].astype(jnp.int32)
+        self_mask = cache_mask[:, :, None, :].astype(bool)
+
+        def block(carry, xs):
+            x, cache_k, cache_v = carry
+            weights, layer, prefix_k, prefix_v = xs
+            layer_cache = (cache_k, cache_v, layer, index)
+            x, (cache_k, cache_v) = self._block(weights, x, positions, self_mask,
+                                                (prefix_k, prefix_v, prefix.mask), layer_cache)
+            return (x, cache_k, cache_v), None
+
+        xs = (self.layers.stacked(), jnp.arange(self.config.num_layers), *prefix.kv)
+        (x, cache_k, cache_v), _ = jax.lax.scan(block, (x, cache.k, cache.v), xs)
+        hidden = rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
+        return self.logits(hidden[:, :, 0]), KVCache(cache_k, cache_v)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden [..., d] -> float32 logits [..., V]."""
+        head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", hidden, head.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    # -- internals ------------------------------------------------------------------
+
+    def _block(self, w, x, positions, self_mask, prefix, cache=None):
+        """One pre-norm transformer block on x [B, G, T, d].
+
+        Without ``cache`` the block attends to its own T keys and returns them.
+        With ``cache = (k_all, v_all, layer, index)`` ([L, B, G, R, K, D] buffers) it writes
+        its keys at ``index`` of layer ``layer`` in place and attends to that layer's buffer.
+        """
+        config, dtype = self.config, self.dtype
+        inv_freq = rope_inverse_frequencies(config)
+        h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
+        q = jnp.einsum("bgtd,dhk->bgthk", h, w["wq"].astype(dtype))
+        k = jnp.einsum("bgtd,dhk->bgthk", h, w["wk"].astype(dtype))
+        v = jnp.einsum("bgtd,dhk->bgthk", h, w["wv"].astype(dtype))
+        if config.attention_bias:
+            q, k, v = q + w["bq"].astype(dtype), k + w["bk"].astype(dtype), v + w["bv"].astype(dtype)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is None:
+            keys, values, new_kv = k, v, (k, v)
+        else:
+            cache_k, cache_v, layer, index = cache
+            start = (layer, 0, 0, index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+            keys, values, new_kv = cache_k[layer], cache_v[layer], (cache_k, cache_v)
+        attended = grouped_attention(q, keys, values, self_mask, prefix)
+        x = x + jnp.einsum("bgthk,hkd->bgtd", attended, w["wo"].astype(dtype))
+        h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
+        gate = jnp.einsum("bgtd,di->bgti", h, w["w_gate"].astype(dtype))
+        up = jnp.einsum("bgtd,di->bgti", h, w["w_up"].astype(dtype))
+        x = x + jnp.einsum("bgti,id->bgtd", jax.nn.silu(gate) * up, w["w_down"].astype(dtype))
+        return self._constrain(x), new_kv
+
+    def _maybe_remat(self, fn):
+        return jax.checkpoint(fn, prevent_cse=False) if self.remat else fn
+
+    def _constrain(self, x: jax.Array) -> jax.Array:
+        """Shard activations [B, G, T, d] over the batch when a mesh is configured."""
+        if self.mesh is None:
+            return x
+        spec = logical_to_spec(("batch", None, None, None))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
