@@ -85,13 +85,19 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequen
 
 
 def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """For a (possibly abstract) model state, the NamedSharding of every parameter."""
+    """For a (possibly abstract) model state, the NamedSharding of every parameter.
+
+    The result has the state's own structure (each Variable holding its sharding), so it
+    serves directly as ``in_shardings`` / ``out_shardings`` for functions of the state.
+    """
 
     def sharding_of(path, variable):
         axes = variable.get_metadata().get("logical_axes")
         if axes is None:
             raise ValueError(f"parameter {'.'.join(map(str, path))} has no logical_axes metadata")
-        return named_sharding(mesh, axes, variable.shape, "parameter " + ".".join(map(str, path)))
+        sharding = named_sharding(mesh, axes, variable.shape,
+                                  "parameter " + ".".join(map(str, path)))
+        return variable.replace(sharding)
 
     return nnx.map_state(sharding_of, state)
 
@@ -99,7 +105,5 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Place every parameter of ``model`` on ``mesh`` by its logical axes (in place); returns it."""
     state = nnx.state(model)
-    shardings = nnx.to_pure_dict(param_shardings(state, mesh))
-    nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), shardings))
-    nnx.update(model, state)
+    nnx.update(model, jax.device_put(state, param_shardings(state, mesh)))
     return model
