@@ -34,7 +34,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh with Auto axis types over the first ``data*fsdp*tensor`` devices."""
+    """A ``(data, fsdp, tensor)`` mesh (Auto axis types) over the first data*fsdp*tensor devices."""
     devices = list(jax.devices() if devices is None else devices)
     needed = data * fsdp * tensor
     if needed > len(devices):

@@ -1,0 +1,299 @@
+"""The sharded GRPO and SFT update steps.
+
+One GRPO step: ``rollout`` (group sampling, token rewards and advantages, all jitted) then
+``Trainer.grpo_update`` (one ``jax.jit`` with explicit in/out shardings and donated
+parameters and optimizer state). Both losses go through ``_accumulated_update``, which
+splits the batch into micro-batches along the prompt axis with ``lax.scan``, sums loss
+numerators and gradients, divides by the summed denominator (exact accumulation, see
+``grpo.LossTerms``), and applies optax AdamW after global-norm clipping.
+
+Shapes: B prompts, G samples per prompt, P prompt length, R response length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from reczero_jax import grpo
+from reczero_jax.mesh import logical_to_spec, mesh_axis_size, param_shardings
+from reczero_jax.models.decoder import Decoder
+from reczero_jax.policy import response_logprobs
+from reczero_jax.sampling import generate
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with global-norm clipping; constant learning rate (the paper's: no warm-up)."""
+
+    learning_rate: float = 2e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    micro_batches: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO as trained in the paper (PAPER.md, "GRPO as trained"); every knob a value."""
+
+    group_size: int = 8
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    estimator: str = "grpo"
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    updates_per_rollout: int = 1
+    shared_prompt: bool = True
+
+
+class Rollout(NamedTuple):
+    """A scored rollout. responses/mask/old_logp: [B, G, R]; rewards, advantages: [B, G]."""
+
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    responses: jax.Array
+    response_mask: jax.Array
+    old_logp: jax.Array
+    rewards: jax.Array
+    advantages: jax.Array
+    format_ok: jax.Array
+    ratings: jax.Array
+    lengths: jax.Array
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(config.learning_rate, b1=config.b1, b2=config.b2,
+                    weight_decay=config.weight_decay),
+    )
+
+
+def rollout(model: Decoder, reward_fn: Callable, prompt_ids, prompt_mask, ground_truths,
+            rng: jax.Array, config: GRPOConfig, eos_ids=None, pad_id: int = 0) -> Rollout:
+    """Sample G responses per prompt, score them with the token reward, compute advantages."""
+    sample = generate(model, prompt_ids, prompt_mask, num_samples=config.group_size,
+                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                      top_p=config.top_p, top_k=config.top_k, eos_ids=eos_ids, pad_id=pad_id,
+                      rng=rng)
+    return _score(reward_fn, config.group_size, config.estimator, jnp.asarray(prompt_ids),
+                  jnp.asarray(prompt_mask), sample.tokens, sample.lengths, sample.logprobs,
+                  jnp.asarray(ground_truths))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _score(reward_fn, group_size, estimator, prompt_ids, prompt_mask, tokens, lengths, logprobs,
+           ground_truths):
+    batch, group, length = tokens.shape
+    truths = jnp.repeat(ground_truths, group)
+    rewards, format_ok, ratings = reward_fn(tokens.reshape(batch * group, length),
+                                            lengths.reshape(-1), truths)
+    advantages = grpo.group_advantages(rewards, group_size, estimator)
+    mask = (jnp.arange(length) < lengths[..., None]).astype(jnp.float32)
+    return Rollout(prompt_ids, prompt_mask, tokens, mask, logprobs,
+                   rewards.reshape(batch, group), advantages.reshape(batch, group),
+                   format_ok.reshape(batch, group), ratings.reshape(batch, group), lengths)
+
+
+class Trainer:
+    """Owns the parameters and optimizer state on a mesh and the compiled update steps.
+
+    ``model`` is split once into a static graph and its parameter state; the jitted steps
+    take and return the state (donated) under explicit shardings derived from the logical
+    axes of every parameter.
+    """
+
+    def __init__(self, model: Decoder, mesh: Mesh, optim: OptimConfig, grpo_config: GRPOConfig
+                 | None = None, ref_model: Decoder | None = None):
+        self.mesh = mesh
+        self.optim = optim
+        self.grpo = grpo_config or GRPOConfig()
+        self.graphdef, params = nnx.split(model)
+        self.param_sharding = param_shardings(params, mesh)
+        self.params = jax.device_put(params, self.param_sharding)
+        self.tx = make_optimizer(optim)
+        # Moments take their parameter's sharding; scalars (step counts) are replicated.
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.opt_sharding = optax.tree_map_params(
+            self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params),
+            self.param_sharding, transform_non_params=lambda _: replicated)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.params)
+        self.ref_params = None
+        if self.grpo.kl_coef:
+            if ref_model is None:
+                raise ValueError("kl_coef is non-zero: pass ref_model (the initial policy)")
+            self.ref_params = jax.device_put(nnx.state(ref_model),
+                                             self.param_sharding)
+        self.grpo_update = jax.jit(
+            self._grpo_update,
+            in_shardings=(self.param_sharding, self.opt_sharding, self._rollout_sharding(),
+                          self.param_sharding if self.ref_params is not None else None),
+            out_shardings=(self.param_sharding, self.opt_sharding, replicated),
+            donate_argnums=(0, 1),
+        )
+        self.sft_update = jax.jit(
+            self._sft_update,
+            in_shardings=(self.param_sharding, self.opt_sharding, self._batch_sharding(2)),
+            out_shardings=(self.param_sharding, self.opt_sharding, replicated),
+            donate_argnums=(0, 1),
+        )
+
+    # -- public -------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Decoder:
+        """The current policy as a module (shares the trainer's parameter arrays)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    def check_batch(self, num_prompts: int) -> None:
+        """Readable errors, before compiling, for a batch that cannot be split as configured."""
+        shards = mesh_axis_size(self.mesh, logical_to_spec(("batch",))[0])
+        micro = self.optim.micro_batches
+        if num_prompts % micro:
+            raise ValueError(f"prompts per step ({num_prompts}) is not a multiple of "
+                             f"optim.micro_batches ({micro})")
+        if (num_prompts // micro) % shards:
+            raise ValueError(
+                f"each micro-batch holds {num_prompts // micro} prompts, which does not divide "
+                f"the data x fsdp mesh axes ({shards} devices); make prompts per step a "
+                f"multiple of micro_batches x {shards}")
+
+    def grpo_step(self, rollout_batch: Rollout) -> dict[str, Any]:
+        """One policy update on a scored rollout; returns host metrics."""
+        self.check_batch(rollout_batch.responses.shape[0])
+        self.params, self.opt_state, metrics = self.grpo_update(
+            self.params, self.opt_state, rollout_batch, self.ref_params)
+        return jax.device_get(metrics)
+
+    def sft_step(self, input_ids, attention_mask, loss_mask) -> dict[str, Any]:
+        """One SFT update: next-token loss where ``loss_mask`` [B, T] marks response tokens."""
+        self.check_batch(np.shape(input_ids)[0])
+        batch = tuple(jnp.asarray(a) for a in (input_ids, attention_mask, loss_mask))
+        self.params, self.opt_state, metrics = self.sft_update(self.params, self.opt_state, batch)
+        return jax.device_get(metrics)
+
+    def grpo_loss_and_grads(self, rollout_batch: Rollout):
+        """The GRPO loss and its (accumulated, unclipped) gradient, without updating."""
+        fn = jax.jit(lambda p, b, r: self._accumulated_grads(p, b, self._grpo_loss_terms(r))[:2])
+        return fn(self.params, rollout_batch, self.ref_params)
+
+    def memory_report(self, rollout_batch: Rollout) -> dict[str, float]:
+        """Per-device bytes of the compiled GRPO update (XLA's memory analysis)."""
+        compiled = self.grpo_update.lower(self.params, self.opt_state, rollout_batch,
+                                          self.ref_params).compile()
+        analysis = compiled.memory_analysis()
+        fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                  "alias_size_in_bytes", "generated_code_size_in_bytes")
+        return {name: float(getattr(analysis, name, 0) or 0) for name in fields}
+
+    # -- compiled bodies ----------------------------------------------------------------
+
+    def _grpo_loss_terms(self, ref_params):
+        config = self.grpo
+
+        def loss_terms(params, micro: Rollout):
+            logp = self._logprobs(params, micro)
+            flat = lambda x: x.reshape(-1, x.shape[-1])  # [b, G, R] -> [b*G, R]
+            # One update per rollout (the paper's setting) is on-policy: the old policy is the
+            # current one, so its log-probs are these under stop_gradient (ratio exactly 1).
+            old_logp = (jax.lax.stop_gradient(logp) if config.updates_per_rollout == 1
+                        else micro.old_logp)
+            terms, metrics = grpo.policy_loss(
+                flat(logp), flat(old_logp), micro.advantages.reshape(-1),
+                flat(micro.response_mask), config.clip_eps, config.clip_eps_high,
+                config.loss_agg, config.max_new_tokens)
+            numerator = terms.numerator
+            if config.kl_coef:
+                ref_logp = jax.lax.stop_gradient(self._logprobs(ref_params, micro))
+                kl = grpo.masked_aggregate(grpo.kl_penalty(flat(logp), flat(ref_logp),
+                                                           config.kl_kind),
+                                           flat(micro.response_mask), config.loss_agg,
+                                           config.max_new_tokens)
+                numerator = numerator + config.kl_coef * kl.numerator
+                metrics["kl"] = kl.value
+            return grpo.LossTerms(numerator, terms.denominator), metrics
+
+        return loss_terms
+
+    def _grpo_update(self, params, opt_state, batch: Rollout, ref_params):
+        params, opt_state, metrics = self._accumulated_update(
+            params, opt_state, batch, self._grpo_loss_terms(ref_params))
+        metrics.update(reward_mean=batch.rewards.mean(), reward_std=batch.rewards.std(),
+                       format_rate=batch.format_ok.mean(),
+                       response_length=batch.lengths.mean())
+        return params, opt_state, metrics
+
+    def _sft_update(self, params, opt_state, batch):
+        def loss_terms(params, micro):
+            input_ids, attention_mask, loss_mask = micro
+            model = nnx.merge(self.graphdef, params)
+            logits = model(input_ids, attention_mask=attention_mask)[:, :-1]
+            target_logp = grpo.token_logprobs(logits, input_ids[:, 1:])
+            return grpo.sft_loss(target_logp, loss_mask[:, 1:]), {}
+
+        return self._accumulated_update(params, opt_state, batch, loss_terms)
+
+    def _logprobs(self, params, micro: Rollout):
+        model = nnx.merge(self.graphdef, params)
+        return response_logprobs(model, micro.prompt_ids, micro.prompt_mask, micro.responses,
+                                 temperature=self.grpo.temperature,
+                                 shared_prompt=self.grpo.shared_prompt)
+
+    def _accumulated_grads(self, params, batch, loss_terms):
+        """Full-batch loss and gradient from micro-batches k along the prompt axis:
+        loss = sum_k numerator_k / sum_k denominator_k, grad = sum_k grad(numerator_k) / same.
+        Metrics are averaged over micro-batches."""
+        micro = self.optim.micro_batches
+        split = jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]),
+                             batch)
+
+        def numerator(params, micro_batch):
+            terms, metrics = loss_terms(params, micro_batch)
+            return terms.numerator, (terms.denominator, metrics)
+
+        grad_fn = jax.value_and_grad(numerator, has_aux=True)
+
+        def accumulate(carry, micro_batch):
+            grads, num, den = carry
+            (n, (d, metrics)), g = grad_fn(params, micro_batch)
+            return (jax.tree.map(jnp.add, grads, g), num + n, den + d), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, num, den), metrics = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), split)
+        den = jnp.maximum(den, 1.0)
+        return num / den, jax.tree.map(lambda g: g / den, grads), jax.tree.map(jnp.mean, metrics)
+
+    def _accumulated_update(self, params, opt_state, batch, loss_terms):
+        """``_accumulated_grads``, then clip-by-global-norm + AdamW."""
+        loss, grads, metrics = self._accumulated_grads(params, batch, loss_terms)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                       learning_rate=jnp.float32(self.optim.learning_rate))
+        return params, opt_state, metrics
+
+    # -- shardings ----------------------------------------------------------------------
+
+    def _batch_sharding(self, ndim: int) -> NamedSharding:
+        return NamedSharding(self.mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+    def _rollout_sharding(self) -> Rollout:
+        ndims = Rollout(2, 2, 3, 3, 3, 2, 2, 2, 2, 2)
+        return Rollout(*(self._batch_sharding(n) for n in ndims))
