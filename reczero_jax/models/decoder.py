@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -41,7 +42,7 @@ class KVCache(NamedTuple):
 
 
 class Prefix(NamedTuple):
-    """A shared prompt: its per-layer keys/values ``[L, B, P, K, D]`` and validity mask ``[B, P]``."""
+    """A shared prompt: per-layer keys/values ``[L, B, P, K, D]`` and validity mask ``[B, P]``."""
 
     kv: KVCache
     mask: jax.Array
@@ -63,20 +64,25 @@ def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
     llama3: wavelengths longer than ``original_max / low_freq_factor`` are divided by
     ``factor``, shorter than ``original_max / high_freq_factor`` kept, and the band between
     interpolated linearly in ``original_max / wavelength``.
+
+    Computed on the host in numpy float32, the way transformers computes it: XLA's float32
+    ``pow`` rounds some frequencies differently, and a one-ulp difference in a frequency
+    grows with the position (1.7e-5 in the logits at position 520 with theta = 500,000).
     """
+    f32 = np.float32
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    inv_freq = f32(1.0) / (f32(config.rope_theta) ** (np.arange(0, dim, 2).astype(f32) / f32(dim)))
     scaling = config.rope_scaling_dict
-    if scaling is None:
-        return inv_freq
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    original = scaling["original_max_position_embeddings"]
-    wavelength = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
-    smooth = (original / wavelength - low) / (high - low)
-    interpolated = (1 - smooth) * scaled / factor + smooth * scaled
-    in_band = (wavelength >= original / high) & (wavelength <= original / low)
-    return jnp.where(in_band, interpolated, scaled)
+    if scaling is not None:
+        factor, low, high, original = (f32(scaling[k]) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+        wavelength = f32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelength - low) / (high - low)
+        interpolated = (1 - smooth) * scaled / factor + smooth * scaled
+        in_band = (wavelength >= original / high) & (wavelength <= original / low)
+        inv_freq = np.where(in_band, interpolated, scaled).astype(f32)
+    return jnp.asarray(inv_freq)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:

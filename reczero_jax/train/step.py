@@ -27,11 +27,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from reczero_jax import grpo
 from reczero_jax.mesh import logical_to_spec, mesh_axis_size, param_shardings
 from reczero_jax.models.decoder import Decoder
-from reczero_jax.policy import response_logprobs
+from reczero_jax.policy import response_logits
 from reczero_jax.sampling import generate
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class OptimConfig:
     """AdamW with global-norm clipping; constant learning rate (the paper's: no warm-up)."""
 
@@ -43,7 +43,7 @@ class OptimConfig:
     micro_batches: int = 1
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class GRPOConfig:
     """GRPO as trained in the paper (PAPER.md, "GRPO as trained"); every knob a value."""
 
@@ -209,7 +209,8 @@ class Trainer:
         config = self.grpo
 
         def loss_terms(params, micro: Rollout):
-            logp = self._logprobs(params, micro)
+            logits = self._response_logits(params, micro)
+            logp = grpo.token_logprobs(logits, micro.responses, config.temperature)
             flat = lambda x: x.reshape(-1, x.shape[-1])  # [b, G, R] -> [b*G, R]
             # One update per rollout (the paper's setting) is on-policy: the old policy is the
             # current one, so its log-probs are these under stop_gradient (ratio exactly 1).
@@ -221,13 +222,24 @@ class Trainer:
                 config.loss_agg, config.max_new_tokens)
             numerator = terms.numerator
             if config.kl_coef:
-                ref_logp = jax.lax.stop_gradient(self._logprobs(ref_params, micro))
+                ref_logits = self._response_logits(ref_params, micro)
+                ref_logp = jax.lax.stop_gradient(
+                    grpo.token_logprobs(ref_logits, micro.responses, config.temperature))
                 kl = grpo.masked_aggregate(grpo.kl_penalty(flat(logp), flat(ref_logp),
                                                            config.kl_kind),
                                            flat(micro.response_mask), config.loss_agg,
                                            config.max_new_tokens)
                 numerator = numerator + config.kl_coef * kl.numerator
                 metrics["kl"] = kl.value
+            entropy = grpo.token_entropy(logits, config.temperature)
+            if config.entropy_coef:
+                # An entropy *bonus*: subtracting it from the loss rewards spread-out policies.
+                bonus = grpo.masked_aggregate(flat(entropy), flat(micro.response_mask),
+                                              config.loss_agg, config.max_new_tokens)
+                numerator = numerator - config.entropy_coef * bonus.numerator
+            metrics["entropy"] = grpo.entropy_from_logits(
+                jax.lax.stop_gradient(logits).reshape(-1, *logits.shape[2:]),
+                flat(micro.response_mask))
             return grpo.LossTerms(numerator, terms.denominator), metrics
 
         return loss_terms
@@ -250,11 +262,10 @@ class Trainer:
 
         return self._accumulated_update(params, opt_state, batch, loss_terms)
 
-    def _logprobs(self, params, micro: Rollout):
+    def _response_logits(self, params, micro: Rollout):
         model = nnx.merge(self.graphdef, params)
-        return response_logprobs(model, micro.prompt_ids, micro.prompt_mask, micro.responses,
-                                 temperature=self.grpo.temperature,
-                                 shared_prompt=self.grpo.shared_prompt)
+        return response_logits(model, micro.prompt_ids, micro.prompt_mask, micro.responses,
+                               shared_prompt=self.grpo.shared_prompt)
 
     def _accumulated_grads(self, params, batch, loss_terms):
         """Full-batch loss and gradient from micro-batches k along the prompt axis:
