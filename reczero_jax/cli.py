@@ -12,6 +12,7 @@ import sys
 COMMAND_GROUPS = (
     "reczero_jax.models.cli:register",
     "reczero_jax.data.cli:register",
+    "reczero_jax.train.cli:register",
     "reczero_jax.demo:register",
 )
 
