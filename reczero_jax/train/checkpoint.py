@@ -140,7 +140,8 @@ class Checkpointer:
         ``force``; a step that already exists is never overwritten).
 
         Safe to donate ``params``/``opt_state`` to the next train step right after this
-        returns: the device-to-host copy is part of the blocking phase.
+        returns: orbax copies every array to host memory before returning (its default, no
+        device-to-host byte limit) and writes the files from those copies.
         """
         step = int(step)
         if step in self._manager.all_steps():
@@ -192,8 +193,9 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 self._read_json(step)
+                metadata = self._manager.item_metadata(step)
                 for item in ("params", "opt_state"):
-                    if self._manager.item_metadata(step)[item] is None:
+                    if metadata[item] is None:
                         raise FileNotFoundError(f"item {item!r} has no readable metadata")
             except Exception as error:  # noqa: BLE001 - any read failure disqualifies a step
                 _warn_skipped(self.directory, step, error)

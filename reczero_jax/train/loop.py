@@ -55,6 +55,9 @@ def run(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
+    # A run starts afresh (no resume yet): logs of an earlier run in this directory go.
+    for name in ("metrics.jsonl", "eval_samples.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
     log = MetricsLog(run_dir / "metrics.jsonl")
     mesh = make_mesh(**dataclasses.asdict(config.mesh))
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
