@@ -194,7 +194,10 @@ def train_grpo(model, mesh, tokenizer, records, reward_fn, eos_ids, config: Expe
                          config.grpo, eos_ids=eos_ids, pad_id=pad_id)
         jax.block_until_ready(scored)
         rollout_seconds = time.perf_counter() - start
-        metrics = trainer.grpo_step(scored)
+        # With several updates per rollout, each one reuses it and the sampler's log-probs
+        # are the old policy's (see Trainer._grpo_loss_terms).
+        for _ in range(config.grpo.updates_per_rollout):
+            metrics = trainer.grpo_step(scored)
         metrics.update(rollout_metrics(scored, batch["rating"]),
                        rollout_seconds=rollout_seconds,
                        update_seconds=time.perf_counter() - start - rollout_seconds)
