@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from reczero_jax import mesh as meshlib
+from reczero_jax.data.pipeline import left_pad
 from reczero_jax.models.hf import from_pretrained, save_pretrained
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -79,20 +80,11 @@ def max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
-def left_padded(rows: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(row) for row in rows)
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row):] = row
-        mask[r, width - len(row):] = 1
-    return ids, mask
-
 
 # The same two inputs everywhere, so the jitted forward compiles once per config.
 LONG_IDS = np.random.default_rng(1).integers(0, TINY["vocab_size"], (1, 520)).astype(np.int32)
 PADDED_ROWS = [np.random.default_rng(n).integers(3, TINY["vocab_size"], n) for n in (37, 20, 5, 30)]
-PADDED_IDS, PADDED_MASK = left_padded(PADDED_ROWS)
+PADDED_IDS, PADDED_MASK = left_pad(PADDED_ROWS, max(map(len, PADDED_ROWS)), pad_id=0)
 
 
 def long_logits(model):

@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 
+from reczero_jax.data.pipeline import left_pad
 from reczero_jax.models.hf import from_pretrained
 from reczero_jax.sampling import generate
 
@@ -46,16 +47,6 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def left_padded(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists -> left-padded ids and mask [B, max length]."""
-    width = max(len(row) for row in rows)
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row):] = row
-        mask[r, width - len(row):] = 1
-    return ids, mask
-
 
 def transformers_greedy(model, prompt: list[int], eos_ids: tuple[int, ...]):
     """One unpadded prompt -> (greedy tokens [<= NEW_TOKENS], top-2 logit gap per step)."""
@@ -70,7 +61,7 @@ def transformers_greedy(model, prompt: list[int], eos_ids: tuple[int, ...]):
 
 def assert_greedy_matches_transformers(ours, theirs, prompts: list[list[int]], pad_id: int):
     eos_ids = ours.config.eos_token_ids
-    ids, mask = left_padded(prompts, pad_id)
+    ids, mask = left_pad(prompts, max(map(len, prompts)), pad_id)
     out = generate(ours, ids, mask, num_samples=2, max_new_tokens=NEW_TOKENS, temperature=0.0,
                    eos_ids=eos_ids, pad_id=pad_id, rng=jax.random.key(0))
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)

@@ -68,7 +68,7 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int):
     for row, tokens in enumerate(rows):
         if len(tokens) > length:
             raise ValueError(f"row {row} has {len(tokens)} tokens, more than the length {length}")
-        if tokens:
+        if len(tokens):
             ids[row, length - len(tokens) :] = tokens
             mask[row, length - len(tokens) :] = 1
     return ids, mask
