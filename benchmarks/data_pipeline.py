@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import describe_machine, markdown_table
+from benchmarks.common import describe_machine, emit_report, markdown_table
 
 
 def timed(fn):
@@ -118,11 +118,7 @@ def main(argv: list[str] | None = None) -> str:
             ),
         ]
     )
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
-    return report
+    return emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from benchmarks.common import (
     Timing,
     cpu_count,
     describe_machine,
+    emit_report,
     markdown_table,
     measure_ceilings,
     time_call,
@@ -283,11 +284,7 @@ def main(argv: list[str] | None = None) -> str:
         results_table(results, ceilings),
         ratios_table(results),
     ])
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
-    return report
+    return emit_report(report, args.out)
 
 
 if __name__ == "__main__":
