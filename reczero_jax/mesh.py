@@ -84,6 +84,13 @@ def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequen
     return NamedSharding(mesh, spec)
 
 
+def constrain(x: jax.Array, mesh: Mesh | None, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Inside jit: pin ``x`` to the sharding of its logical axes on ``mesh`` (no-op without one)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes)))
+
+
 def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """For a (possibly abstract) model state, the NamedSharding of every parameter.
 

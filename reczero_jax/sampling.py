@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from reczero_jax.mesh import logical_to_spec
+from reczero_jax.mesh import constrain, logical_to_spec
 from reczero_jax.models.decoder import (
     Decoder,
     KVCache,
@@ -125,7 +125,9 @@ def _prefill(graphdef, state, prompt_ids, prompt_mask):
     model: Decoder = nnx.merge(graphdef, state)
     hidden, kv = model.forward(prompt_ids[:, None], positions_from_mask(prompt_mask)[:, None],
                                causal_mask(prompt_mask)[:, None], return_kv=True)
-    prefix = Prefix(KVCache(kv.k[:, :, 0], kv.v[:, :, 0]), prompt_mask.astype(bool))
+    cache_axes = ("layers", "batch", None, "kv_heads", "head_dim")
+    prefix = Prefix(KVCache(*(constrain(c[:, :, 0], model.mesh, cache_axes) for c in kv)),
+                    prompt_mask.astype(bool))
     return prefix, model.logits(hidden[:, 0, -1])
 
 
@@ -144,7 +146,9 @@ def _decode(graphdef, state, prefix, last_logits, prompt_lengths, rng, *, num_sa
     # B*G prompt rows, each decoding one sample.
     rows, per_row = (batch, g) if shared_prompt else (batch * g, 1)
     cache_shape = (config.num_layers, rows, per_row, r, config.num_kv_heads, config.head_dim)
-    cache = KVCache(jnp.zeros(cache_shape, model.dtype), jnp.zeros(cache_shape, model.dtype))
+    cache_axes = ("layers", "batch", None, None, "kv_heads", "head_dim")
+    cache = KVCache(*(constrain(jnp.zeros(cache_shape, model.dtype), model.mesh, cache_axes)
+                      for _ in range(2)))
     first_logits = last_logits.reshape(batch, -1, last_logits.shape[-1])
     first_logits = jnp.broadcast_to(first_logits, (batch, g, last_logits.shape[-1]))
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -174,7 +178,9 @@ def _decode(graphdef, state, prefix, last_logits, prompt_lengths, rng, *, num_sa
             jnp.zeros((batch, g), bool))
     _, _, _, tokens, logprobs, lengths, done = jax.lax.while_loop(cond, body, init)
     finished_by_eos = jnp.any(jnp.isin(tokens, eos), axis=-1) & (len(eos_ids) > 0)
-    return SampleOutput(tokens, logprobs, lengths, finished_by_eos)
+    out = SampleOutput(tokens, logprobs, lengths, finished_by_eos)
+    return SampleOutput(*(constrain(x, model.mesh, ("batch",) + (None,) * (x.ndim - 1))
+                          for x in out))
 
 
 # ----------------------------------------------------------------------------- public API

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from reczero_jax import mesh as meshlib
 from reczero_jax import sampling
@@ -139,3 +140,5 @@ def test_mesh_gives_the_same_greedy_output():
     np.testing.assert_allclose(reference.logprobs, sharded.logprobs, atol=1e-5)
     assert sharded_model.layers.wq[...].sharding.spec == meshlib.logical_to_spec(
         ("layers", "embed", "heads", "head_dim"))
+    expected = NamedSharding(mesh, meshlib.logical_to_spec(("batch", None, None)))
+    assert sharded.tokens.sharding.is_equivalent_to(expected, 3)

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from reczero_jax.mesh import logical_to_spec
+from reczero_jax.mesh import constrain
 from reczero_jax.models.config import ModelConfig
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -306,7 +306,4 @@ class Decoder(nnx.Module):
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         """Shard activations [B, G, T, d] over the batch when a mesh is configured."""
-        if self.mesh is None:
-            return x
-        spec = logical_to_spec(("batch", None, None, None))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return constrain(x, self.mesh, ("batch", None, None, None))
