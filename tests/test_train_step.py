@@ -102,3 +102,12 @@ def test_sft_step_lowers_the_response_loss():
     loss_mask[:, 10:] = 1
     losses = [trainer.sft_step(ids, np.ones_like(ids), loss_mask)["loss"] for _ in range(12)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_memory_report_counts_at_least_the_parameters_and_moments():
+    trainer = Trainer(tiny_model(), meshlib.make_mesh(1, 1, 1), OptimConfig())
+    report = trainer.memory_report(fake_rollout())
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(trainer.params))
+    # Arguments hold the parameters and AdamW's two moments (plus the rollout batch).
+    assert report["argument_size_in_bytes"] >= 3 * param_bytes
+    assert report["temp_size_in_bytes"] > 0
