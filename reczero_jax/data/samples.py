@@ -224,6 +224,12 @@ class TargetParts:
     item_avg_rating: float
 
 
+def _review_text(interaction: Interaction) -> dict[str, str]:
+    """The interaction's review summary and text, only those it has."""
+    fields = {"summary": interaction.summary, "review": interaction.review}
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 @dataclass
 class SampleSet:
     """Targets per split (interaction indices in time order) over an InteractionIndex, with the
@@ -250,31 +256,23 @@ class SampleSet:
         """Interaction ``j`` as a ``user_history`` entry."""
         table = self.index.table
         interaction = table.interactions[j]
-        entry = {
+        return {
             "item_id": interaction.item_id,
             **table.items[interaction.item_id],  # title always, other features where present
             "rating": interaction.rating,
             "timestamp": interaction.timestamp,
+            **_review_text(interaction),
         }
-        if interaction.summary is not None:
-            entry["summary"] = interaction.summary
-        if interaction.review is not None:
-            entry["review"] = interaction.review
-        return entry
 
     def item_entry(self, j: int) -> dict[str, Any]:
         """Interaction ``j`` as an ``item_history`` entry."""
         interaction = self.index.table.interactions[j]
-        entry = {
+        return {
             "user_id": interaction.user_id,
             "rating": interaction.rating,
             "timestamp": interaction.timestamp,
+            **_review_text(interaction),
         }
-        if interaction.review is not None:
-            entry["review"] = interaction.review
-        if interaction.summary is not None:
-            entry["summary"] = interaction.summary
-        return entry
 
     def sample(self, k: int, split: str) -> dict[str, Any]:
         """The sample record (module docstring) for target interaction ``k``."""
