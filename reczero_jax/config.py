@@ -98,7 +98,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         where = f" in {path}" if path else ""
-        raise ValueError(f"invalid config{where}: {str(error).splitlines()[0]}") from None
+        key = f" {error.full_key}:" if getattr(error, "full_key", None) else ""
+        raise ValueError(f"invalid config{where}:{key} {str(error).splitlines()[0]}") from None
 
 
 def to_dict(config: ExperimentConfig) -> dict[str, Any]:

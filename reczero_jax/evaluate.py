@@ -2,8 +2,9 @@
 
 Reports MAE / RMSE (a parse failure is scored with the user's average rating, clipped to the
 scale: see ``rewards.rating_metrics``), parse and format rates, exact and within-one accuracy,
-a breakdown by user-history length, and cost: generated tokens per request, latency per
-batch and generated tokens per second.
+a breakdown by user-history length, and cost: generated tokens per request, latency (mean wall
+time of a batch, which every request in it waits for), requests and generated tokens per second.
+Times include the compilation of each new batch shape, so short evaluations overstate latency.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from reczero_jax.models.decoder import Decoder
 from reczero_jax.rewards import TokenRewardFn, rating_metrics
 from reczero_jax.sampling import generate
 
-HISTORY_BINS = ((1, 3), (4, 6), (7, 9), (10, 10))
+# (low, high) inclusive; high None is open-ended, so every history length falls in one bin.
+HISTORY_BINS = ((0, 3), (4, 6), (7, 9), (10, None))
 REPORT_COLUMNS = ("mae", "rmse", "parse_rate", "format_rate", "exact_accuracy",
                   "within_one_accuracy", "tokens_per_request", "n")
 
@@ -36,7 +38,7 @@ def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
                             process_count=1)
     pad_id = default_pad_id(tokenizer)
     rows: list[dict[str, Any]] = []
-    generated_tokens, decode_seconds = 0, 0.0
+    generated_tokens, batch_seconds = 0, []
     progress = tqdm(total=len(records), desc=desc, unit="sample", leave=False)
     for batch in batches:
         start = time.perf_counter()
@@ -47,7 +49,7 @@ def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
         _, format_ok, rating = jax.device_get(
             reward_fn(tokens, lengths, batch["rating"].astype(np.float32)))
         tokens, lengths = jax.device_get((tokens, lengths))
-        decode_seconds += time.perf_counter() - start
+        batch_seconds.append(time.perf_counter() - start)
         for i in np.flatnonzero(batch["valid"]):
             record = records[int(batch["record_index"][i])]
             rows.append({
@@ -63,9 +65,11 @@ def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
         progress.update(int(batch["valid"].sum()))
     progress.close()
     metrics = score_rows(rows)
+    seconds = sum(batch_seconds)
     metrics.update(tokens_per_request=generated_tokens / max(len(rows), 1),
-                   seconds=decode_seconds,
-                   tokens_per_second=generated_tokens / max(decode_seconds, 1e-9),
+                   seconds=seconds, latency_seconds=seconds / max(len(batch_seconds), 1),
+                   requests_per_second=len(rows) / max(seconds, 1e-9),
+                   tokens_per_second=generated_tokens / max(seconds, 1e-9),
                    by_history_length=by_history_length(rows))
     return {"metrics": metrics, "rows": rows}
 
@@ -76,10 +80,12 @@ def score_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def by_history_length(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Metrics per bin of user-history length (entries shown in the prompt)."""
+    """Metrics per bin of user-history length (entries shown in the prompt), keyed "low-high"
+    or "low+" for the open-ended last bin; empty bins are left out."""
     table = {}
     for low, high in HISTORY_BINS:
-        selected = [r for r in rows if low <= r["history_length"] <= high]
+        selected = [r for r in rows
+                    if low <= r["history_length"] and (high is None or r["history_length"] <= high)]
         if selected:
-            table[f"{low}-{high}"] = score_rows(selected)
+            table[f"{low}+" if high is None else f"{low}-{high}"] = score_rows(selected)
     return table

@@ -1,0 +1,271 @@
+"""Run observability: metrics as JSON lines and TensorBoard scalars, PNG plots, MFU.
+
+A run directory holds::
+
+    metrics.jsonl     one row per logged step: {"phase", "step", "time", <scalar metrics>}
+    tensorboard/      event files, one scalar tag "<phase>/<metric>" per metric
+    plots/            <phase>.png (curves against step) and eval.png, from ``plot_run``
+
+    with RunLogger(run_dir, enabled=jax.process_index() == 0) as log:
+        log.write("grpo", step, metrics)
+    plot_run(run_dir)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PLOTS_DIR = "plots"
+EVAL_PREFIX = "eval "
+EVAL_BAR_METRICS = ("mae", "rmse", "parse_rate", "format_rate")
+
+# Dense bf16 peak FLOP/s of one device, by jax's ``device_kind`` (TPU v4, v5p and v6e: one
+# device per chip). From the vendors' data sheets; sparsity figures are not used.
+PEAK_BF16_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The entries of ``metrics`` that are numeric scalars (Python, numpy or 0-d jax values),
+    as floats. Others (strings, nested breakdowns, arrays) are left out: the eval breakdowns
+    have their own file (eval.json)."""
+    scalars = {}
+    for name, value in metrics.items():
+        if getattr(value, "ndim", 0) != 0:
+            continue  # an array: checked before np.asarray, which would copy it to the host
+        array = np.asarray(value)
+        if array.dtype == bool or np.issubdtype(array.dtype, np.number):
+            scalars[name] = float(array)
+    return scalars
+
+
+def tensorboard_tag(phase: str, name: str) -> str:
+    """``"<phase>/<name>"`` with each run of characters TensorBoard rejects (anything but
+    letters, digits, ``_ - . /``) made one ``_``: "eval after SFT + GRPO" -> "eval_after_SFT_GRPO"."""
+    return re.sub(r"[^\w\-./]+", "_", f"{phase}/{name}")
+
+
+class RunLogger:
+    """Appends metrics rows to ``run_dir/metrics.jsonl`` and writes the same scalars (the
+    finite ones) to TensorBoard event files in ``run_dir/tensorboard``.
+
+    ``enabled=False`` (every process but one on a multi-host run) writes nothing: no files,
+    no directories. Rows are appended, so a resumed run continues the same file.
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self._writer = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(logdir=str(self.run_dir / TENSORBOARD_DIR), flush_secs=30)
+
+    def write(self, phase: str, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Log the scalar ``metrics`` of ``phase`` at ``step``; returns the row."""
+        row = {"phase": phase, "step": int(step), "time": time.time(), **scalar_metrics(metrics)}
+        if not self.enabled:
+            return row
+        if self._writer is None:
+            raise ValueError(f"the RunLogger of {self.run_dir} is closed")
+        # Opened per row: each row is on disk when write returns.
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for name, value in row.items():
+            # A NaN (e.g. the sample MAE of a step where no answer parsed) stays in the JSON
+            # lines only: tensorboardX warns on every one and TensorBoard draws no point anyway.
+            if name not in ("phase", "step", "time") and math.isfinite(value):
+                self._writer.add_scalar(tensorboard_tag(phase, name), value, row["step"],
+                                        walltime=row["time"])
+        return row
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``run_dir/metrics.jsonl``. Lines that are not JSON objects (a run killed
+    mid-write) are skipped with a warning that counts them."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it a run directory?")
+    rows, unreadable = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "phase" in row and "step" in row:
+            rows.append(row)
+        else:
+            unreadable += 1
+    if unreadable:
+        warnings.warn(f"{path}: skipped {unreadable} unreadable line(s)", stacklevel=2)
+    return rows
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """PNG plots of ``run_dir/metrics.jsonl`` into ``run_dir/plots``; returns the files written.
+
+    * ``<phase>.png`` for each training phase (sft, grpo, ...): one panel per metric the
+      phase logged, value against step, in the order the metrics were first logged;
+    * ``eval.png``: one bar per evaluation (rows whose phase starts with "eval ") for each of
+      MAE, RMSE, parse rate and format rate.
+
+    Metrics with no finite value are not plotted; a phase or chart with nothing left gives
+    no file.
+    """
+    rows = read_metrics(run_dir)
+    out_dir = Path(run_dir) / PLOTS_DIR
+    written = []
+    phases = dict.fromkeys(r["phase"] for r in rows if not r["phase"].startswith(EVAL_PREFIX))
+    for phase in phases:
+        figure = _curves_figure(phase, [r for r in rows if r["phase"] == phase])
+        if figure is not None:
+            written.append(_save(figure, out_dir / (re.sub(r"[^\w\-]+", "_", phase) + ".png")))
+    figure = _eval_figure([r for r in rows if r["phase"].startswith(EVAL_PREFIX)])
+    if figure is not None:
+        written.append(_save(figure, out_dir / "eval.png"))
+    return written
+
+
+def _finite(values: Iterable[Any]) -> bool:
+    return any(isinstance(v, int | float) and math.isfinite(v) for v in values)
+
+
+def _grid(count: int):
+    """A figure of ``count`` panels, up to four per row; returns (figure, axes list)."""
+    columns = min(4, count)
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(4 * columns, 3 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for unused in axes[count:]:
+        unused.set_visible(False)
+    return figure, axes[:count]
+
+
+def _curves_figure(phase: str, rows: Sequence[dict[str, Any]]):
+    rows = sorted(rows, key=lambda r: r["step"])
+    names = [name for name in dict.fromkeys(k for r in rows for k in r)
+             if name not in ("phase", "step", "time") and _finite(r.get(name) for r in rows)]
+    if not names:
+        return None
+    figure, axes = _grid(len(names))
+    for ax, name in zip(axes, names, strict=True):
+        points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), int | float)]
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, marker="." if len(points) < 50 else None)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    figure.suptitle(phase)
+    return figure
+
+
+def _eval_figure(rows: Sequence[dict[str, Any]]):
+    names = [name for name in EVAL_BAR_METRICS if _finite(r.get(name) for r in rows)]
+    if not names:
+        return None
+    # A validation evaluation repeated during training is told apart by its step.
+    counts = Counter(r["phase"] for r in rows)
+    labels = [r["phase"].removeprefix(EVAL_PREFIX)
+              + (f" @{r['step']}" if counts[r["phase"]] > 1 else "") for r in rows]
+    figure, axes = _grid(len(names))
+    for ax, name in zip(axes, names, strict=True):
+        values = [r.get(name, math.nan) for r in rows]
+        ax.bar_label(ax.bar(range(len(rows)), values), fmt="%.3f")
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
+        ax.set_title(name)
+        ax.grid(axis="y", alpha=0.3)
+    figure.suptitle("evaluations")
+    return figure
+
+
+def _save(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+# ----------------------------------------------------------------------------- MFU
+
+
+def model_flops(n_params: int, *, trained_tokens: int = 0, forward_tokens: int = 0) -> float:
+    """Approximate model FLOPs: ``6 * N * trained_tokens + 2 * N * forward_tokens``.
+
+    A token costs ``2 N`` FLOPs forward (one multiply-add per parameter) and ``4 N`` more
+    backward, so ``6 N`` when trained; sampled tokens and log-prob-only passes (reference
+    model, old policy) are forward only. Attention's ``O(sequence length)`` term and the
+    padding are not counted, so MFU from this is a lower bound of the useful work's share.
+    """
+    return float(n_params) * (6.0 * trained_tokens + 2.0 * forward_tokens)
+
+
+def mfu_estimate(flops: float, seconds: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: ``flops / (seconds * peak_flops)``, with ``peak_flops`` the
+    summed peak FLOP/s of the devices that did the work (``platform_peak_flops``)."""
+    if seconds <= 0 or peak_flops <= 0:
+        raise ValueError(f"seconds ({seconds}) and peak_flops ({peak_flops}) must be positive")
+    return flops / (seconds * peak_flops)
+
+
+def platform_peak_flops(devices: Sequence[Any] | None = None) -> float | None:
+    """Summed dense bf16 peak FLOP/s of ``devices`` (default: all of ``jax.devices()``), or
+    None when any device kind is not in ``PEAK_BF16_FLOPS`` (CPU among them): report no MFU
+    then. A float32 run can reach only a fraction of the bf16 peak."""
+    if devices is None:
+        devices = jax.devices()
+    peaks = [PEAK_BF16_FLOPS.get(device.device_kind) for device in devices]
+    if not peaks or None in peaks:
+        return None
+    return float(sum(peaks))
+
+
+def parameter_count(model) -> int:
+    """The number of parameters (``nnx.Param`` entries) of a Flax NNX model."""
+    return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
