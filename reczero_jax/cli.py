@@ -13,6 +13,8 @@ COMMAND_GROUPS = (
     "reczero_jax.models.cli:register",
     "reczero_jax.data.cli:register",
     "reczero_jax.train.cli:register",
+    "reczero_jax.traces.cli:register",
+    "reczero_jax.plan:register",
     "reczero_jax.demo:register",
 )
 

@@ -1,0 +1,401 @@
+"""``reczero plan CONFIG --slice v5p-8``: per-chip memory of a training config on a TPU slice.
+
+Everything is bytes on ONE chip (one JAX device), computed from the model's shapes, the
+config's batch and lengths, and the mesh through the same logical-axis rules the trainer uses
+(``mesh.LOGICAL_AXIS_RULES``: weights over fsdp on ``embed`` and over tensor on heads / mlp /
+vocab; the batch over data x fsdp). Symbols:
+
+    L layers, d width, H heads, K kv heads, D head dim, I MLP width, V vocab
+    B prompts per step, G samples per prompt, P prompt tokens (the largest bucket), R new tokens
+    M micro-batches, t tensor size, n = data x fsdp (the batch shards)
+    b = B / (M n) prompts per chip in one micro-batch;  c = compute dtype bytes (bf16: 2)
+
+Resident in every phase
+    params      = sum over weights of (its shard's elements) x param dtype bytes
+    optimizer   = 2 x params (AdamW's first and second moments, in the parameters' dtype)
+    reference   = params, only when grpo.kl_coef > 0
+
+Update phase (``Trainer.grpo_update``: forward, backward, AdamW)
+    gradients   = params x (1 if M == 1 else 2: the micro-batch gradient and the running sum)
+    activations, per layer and token (the residuals the backward pass reads):
+        a   = c (4d + HD/t + 3I/t) + 4 (2d + (H + 2K) D/t)     norms' inputs and outputs, q k v
+              (float32 in the attention), its output, the MLP's gate, up and their product
+        plus 8 (H/t) S per query token: the float32 attention scores and their softmax over
+              the S keys it sees (the attention is not fused: both are materialised)
+        one layer:  A = b P (a + 8 (H/t) P)  +  b G (R-1) (a + 8 (H/t) (P + R - 1))
+              (the prompt once, then the responses over prompt + own keys; ``policy.py``)
+        without remat:  (L + 1) A             every layer's residuals + one layer's cotangents
+        with remat:     L b (P + G (R-1)) d c + 2 A
+              (each layer keeps only its input; the backward recomputes one layer at a time)
+        + the prompt's keys and values for the responses: 2 L b P (K/t) D c
+    logits      = 3 x b G R (V/t) x 4 bytes: float32 logits, their softmax (log-prob and
+                  entropy) and its cotangent. With V = 152,064 this is often the largest term.
+
+Rollout phase (``sampling.generate``; no micro-batches: b_r = B / n prompts per chip, the
+prompt padded to the sampler's bucket P_s)
+    prefill     = prompt cache + one layer's scores and softmax: 8 b_r (H/t) P_s^2
+    decode      = prompt cache 2 L b_r P_s (K/t) D c + response caches 2 L b_r G R (K/t) D c
+                  + the step's float32 logits 3 b_r G (V/t) 4
+Evaluation is the rollout formula with G = 1, B = train.eval_batch_size and
+R = train.eval_max_new_tokens.
+
+The peak is the largest phase. The verdict compares it with 90 % of the chip's HBM: the
+runtime keeps part of HBM for itself and XLA's buffer packing is not perfect.
+``tests/test_plan.py`` checks the formula against XLA's ``compiled.memory_analysis()`` of the
+real update step on small CPU meshes: parameters + optimizer state within 10 %, the update
+phase's total within a factor of 2 (XLA fuses and reuses buffers in ways a closed formula does
+not follow, in both directions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import re
+from pathlib import Path
+
+GIB = 2**30
+USABLE_FRACTION = 0.9
+
+# HBM per chip, as Google's Cloud TPU pages give it (cloud.google.com/tpu/docs/v4, /v5e, /v5p,
+# /v6e: "32 GiB", "16 GB", "95 GB", "32 GB"), read here as GiB. Were the "GB" decimal, the
+# usable budget (90 %) would still be below them: 85.5 GiB < 95e9 bytes = 88.5 GiB.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# The number in an accelerator type counts TensorCores on v4 and v5p (two per chip, one JAX
+# device per chip) and chips on v5e and v6e (one TensorCore each).
+CORES_PER_CHIP = {"v4": 2, "v5e": 1, "v5p": 2, "v6e": 1}
+SLICE_PATTERN = re.compile(r"^(v4|v5p|v5e|v5litepod|v6e)-(\d+)$")
+
+# Hugging Face config.json values, for planning without the checkpoint at hand.
+PRESETS = {
+    "qwen2.5-7b": {
+        "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "intermediate_size": 18944,
+        "vocab_size": 152064, "tie_word_embeddings": False, "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    name: str
+    generation: str
+    chips: int
+    hosts: int
+    hbm_bytes: int
+
+
+def parse_slice(name: str) -> TpuSlice:
+    """``v5p-8`` -> 4 chips of 95 GiB on 1 host; ``v5e-16`` (or ``v5litepod-16``) -> 16 x 16 GiB
+    on 4 hosts."""
+    match = SLICE_PATTERN.match(name.strip().lower())
+    if not match:
+        raise ValueError(f"unknown slice {name!r}: use an accelerator type like v4-8, v5p-8, "
+                         f"v5e-16 (v5litepod-16) or v6e-8")
+    generation = "v5e" if match[1] == "v5litepod" else match[1]
+    count = int(match[2])
+    if count % CORES_PER_CHIP[generation] or count == 0:
+        raise ValueError(f"{name}: {generation} types count TensorCores, "
+                         f"{CORES_PER_CHIP[generation]} per chip")
+    chips = count // CORES_PER_CHIP[generation]
+    # Chips per host VM: 4 on v4 and v5p; on v5e and v6e up to 8 on one host, 4 per host beyond.
+    per_host = 8 if generation in ("v5e", "v6e") and chips <= 8 else 4
+    return TpuSlice(name, generation, chips, max(1, chips // per_host), HBM_GIB[generation] * GIB)
+
+
+def _sampler_bucket(prompt_tokens: int) -> int:
+    """The length ``sampling.generate`` pads prompts of ``prompt_tokens`` to."""
+    from reczero_jax.sampling import bucket_length
+
+    return bucket_length(prompt_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShape:
+    """What the memory depends on, besides the model: taken from an ExperimentConfig."""
+
+    prompts_per_step: int
+    group_size: int
+    prompt_tokens: int
+    sample_prompt_tokens: int
+    new_tokens: int
+    micro_batches: int
+    remat: bool
+    compute_bytes: int
+    param_bytes: int
+    reference_model: bool
+    eval_batch_size: int
+    eval_new_tokens: int
+    data: int
+    fsdp: int
+    tensor: int
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    @classmethod
+    def from_config(cls, config) -> RunShape:
+        sizes = {"float32": 4, "bfloat16": 2}
+        for key, dtype in (("model.dtype", config.model.dtype),
+                           ("model.param_dtype", config.model.param_dtype)):
+            if dtype not in sizes:
+                raise ValueError(f"{key}={dtype!r}: plan knows {', '.join(sizes)}")
+        return cls(
+            prompts_per_step=config.train.prompts_per_step, group_size=config.grpo.group_size,
+            prompt_tokens=config.data.max_prompt_tokens,
+            sample_prompt_tokens=_sampler_bucket(config.data.max_prompt_tokens),
+            new_tokens=config.grpo.max_new_tokens, micro_batches=config.optim.micro_batches,
+            remat=config.model.remat, compute_bytes=sizes[config.model.dtype],
+            param_bytes=sizes[config.model.param_dtype],
+            reference_model=bool(config.grpo.kl_coef),
+            eval_batch_size=config.train.eval_batch_size,
+            eval_new_tokens=config.train.eval_max_new_tokens,
+            data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+
+
+PHASES = ("update", "prefill", "decode", "eval prefill", "eval decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Bytes per chip: ``terms[name][phase]``, absent where the term is not live in a phase."""
+
+    terms: dict[str, dict[str, float]]
+
+    def total(self, phase: str) -> float:
+        return sum(by_phase.get(phase, 0.0) for by_phase in self.terms.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(PHASES, key=self.total)
+
+    @property
+    def peak(self) -> float:
+        return self.total(self.peak_phase)
+
+
+@functools.lru_cache(maxsize=32)
+def param_shard_elements(model_config, data: int, fsdp: int, tensor: int) -> int:
+    """Parameter elements on one chip: each weight's shard under ``mesh.param_shardings``
+    (which also raises, naming the weight, when a dimension does not divide its mesh axis)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import AbstractMesh, AxisType
+
+    from reczero_jax.mesh import MESH_AXES, param_shardings
+    from reczero_jax.models.decoder import Decoder
+
+    abstract = nnx.state(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
+    mesh = AbstractMesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    shardings = param_shardings(abstract, mesh)
+    return sum(math.prod(sharding.shard_shape(leaf.shape)) for leaf, sharding in
+               zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True))
+
+
+def check_batch(shape: RunShape) -> None:
+    """The errors the trainer would raise, before estimating anything."""
+    shards = shape.data * shape.fsdp
+    micro = shape.prompts_per_step // shape.micro_batches
+    if shape.prompts_per_step % shape.micro_batches or micro % shards:
+        raise ValueError(
+            f"train.prompts_per_step={shape.prompts_per_step} must split into "
+            f"optim.micro_batches={shape.micro_batches} micro-batches that each divide over "
+            f"data x fsdp = {shards} chips")
+    if shape.eval_batch_size % shards:
+        raise ValueError(f"train.eval_batch_size={shape.eval_batch_size} must divide over "
+                         f"data x fsdp = {shards} chips")
+
+
+def estimate(model_config, shape: RunShape) -> Estimate:
+    """Per-chip bytes of every term in every phase (the formulas: module docstring)."""
+    check_batch(shape)
+    cfg, t, c = model_config, shape.tensor, shape.compute_bytes
+    d, layers, vocab = cfg.hidden_size, cfg.num_layers, cfg.vocab_size / t
+    heads, kv_heads, mlp = cfg.num_heads / t, cfg.num_kv_heads / t, cfg.intermediate_size / t
+    head_dim, group, shards = cfg.head_dim, shape.group_size, shape.data * shape.fsdp
+    params = param_shard_elements(cfg, shape.data, shape.fsdp, shape.tensor) * shape.param_bytes
+    everywhere = dict.fromkeys(PHASES, 1.0)
+    terms = {"parameters": everywhere, "optimizer state (AdamW mu, nu)": everywhere}
+    scale = {"parameters": params, "optimizer state (AdamW mu, nu)": 2 * params}
+    if shape.reference_model:
+        terms["reference parameters (KL)"] = everywhere
+        scale["reference parameters (KL)"] = params
+
+    # Update phase: b prompts per chip per micro-batch, the prompt once, G responses of R-1
+    # tokens (the first response token is predicted from the prompt's last position).
+    b = shape.prompts_per_step / (shape.micro_batches * shards)
+    prompt, responses = shape.prompt_tokens, shape.new_tokens - 1
+    per_token = c * (4 * d + heads * head_dim + 3 * mlp) + 4 * (
+        2 * d + (heads + 2 * kv_heads) * head_dim)
+    one_layer = (b * prompt * (per_token + 8 * heads * prompt)
+                 + b * group * responses * (per_token + 8 * heads * (prompt + responses)))
+    if shape.remat:
+        activations = layers * b * (prompt + group * responses) * d * c + 2 * one_layer
+    else:
+        activations = (layers + 1) * one_layer
+    activations += 2 * layers * b * prompt * kv_heads * head_dim * c
+    terms["gradients"] = {"update": params * (1 if shape.micro_batches == 1 else 2)}
+    terms[f"activations ({'remat' if shape.remat else 'no remat'})"] = {"update": activations}
+    terms["logits, float32 x 3"] = {"update": 3 * b * group * shape.new_tokens * vocab * 4}
+
+    # Sampling: no micro-batches; the sampler pads prompts to its own bucket.
+    cache_per_token = 2 * layers * kv_heads * head_dim * c
+    prompt_cache, scores, response_cache, step_logits = {}, {}, {}, {}
+    for prefix, prompts, samples, new_tokens in (
+            ("", shape.prompts_per_step, group, shape.new_tokens),
+            ("eval ", shape.eval_batch_size, 1, shape.eval_new_tokens)):
+        rows, length = prompts / shards, shape.sample_prompt_tokens
+        prompt_cache.update({prefix + "prefill": cache_per_token * rows * length,
+                             prefix + "decode": cache_per_token * rows * length})
+        scores[prefix + "prefill"] = 8 * rows * heads * length**2
+        response_cache[prefix + "decode"] = cache_per_token * rows * samples * new_tokens
+        step_logits[prefix + "decode"] = 3 * rows * samples * vocab * 4
+    terms["prompt KV cache"] = prompt_cache
+    terms["prefill scores + softmax (one layer)"] = scores
+    terms["response KV caches"] = response_cache
+    terms["decode step logits"] = step_logits
+    return Estimate({name: {phase: value * scale.get(name, 1.0) for phase, value in
+                            by_phase.items()} for name, by_phase in terms.items()})
+
+
+# ----------------------------------------------------------------------------- verdict
+
+
+def knob_changes(shape: RunShape) -> list[tuple[str, dict]]:
+    """Single-knob changes to try when a config does not fit, as (override, RunShape fields);
+    each knob's values from mild to strong, a larger slice last."""
+    changes = []
+    micro = shape.micro_batches * 2
+    while (shape.prompts_per_step % micro == 0
+           and (shape.prompts_per_step // micro) % (shape.data * shape.fsdp) == 0):
+        changes.append((f"optim.micro_batches={micro}", {"micro_batches": micro}))
+        micro *= 2
+    if not shape.remat:
+        changes.append(("model.remat=true", {"remat": True}))
+    for tokens in (shape.new_tokens // 2, shape.new_tokens // 4):
+        if tokens >= 64:
+            changes.append((f"grpo.max_new_tokens={tokens}", {"new_tokens": tokens}))
+    for tokens in (shape.prompt_tokens // 2, shape.prompt_tokens // 4):
+        if tokens >= 256:
+            changes.append((f"data.max_prompt_tokens={tokens}", {
+                "prompt_tokens": tokens, "sample_prompt_tokens": _sampler_bucket(tokens)}))
+    more = shape.fsdp * 2
+    if shape.prompts_per_step % (shape.data * more * shape.micro_batches) == 0:
+        changes.append((f"mesh.fsdp={more} (a slice with twice the chips)", {"fsdp": more}))
+    return changes
+
+
+def verdict(model_config, shape: RunShape, tpu: TpuSlice) -> list[str]:
+    """Lines: fits or not (with the headroom); when not, what each knob alone would give, and
+    all the knobs that keep this slice together."""
+    budget = USABLE_FRACTION * tpu.hbm_bytes
+    result = estimate(model_config, shape)
+    if result.peak <= budget:
+        return [f"verdict: FITS: peak {result.peak / GIB:.1f} GiB ({result.peak_phase}) of "
+                f"{budget / GIB:.1f} GiB usable, {(budget - result.peak) / GIB:.1f} GiB headroom"]
+    lines = [f"verdict: DOES NOT FIT: peak {result.peak / GIB:.1f} GiB ({result.peak_phase}) > "
+             f"{budget / GIB:.1f} GiB usable ({USABLE_FRACTION:.0%} of "
+             f"{tpu.hbm_bytes / GIB:.0f} GiB)",
+             "knobs (key=value overrides):"]
+
+    def outcome(label: str, fields: dict) -> str:
+        changed = estimate(model_config, dataclasses.replace(shape, **fields))
+        fits = "fits" if changed.peak <= budget else "still too large"
+        return (f"  {label:<50} peak {changed.peak / GIB:7.1f} GiB "
+                f"({changed.peak_phase}): {fits}")
+
+    changes = knob_changes(shape)
+    lines.extend(outcome(label, fields) for label, fields in changes)
+    on_this_slice = [(label, fields) for label, fields in changes if "fsdp" not in fields]
+    if len(on_this_slice) > 1:
+        strongest = {}  # later values of a knob are stronger
+        for label, fields in on_this_slice:
+            strongest[next(iter(fields))] = (label, fields)
+        combined = {k: v for _, fields in strongest.values() for k, v in fields.items()}
+        labels = " ".join(label for label, _ in strongest.values())
+        lines.append(outcome(f"together: {labels}", combined))
+    return lines
+
+
+def format_plan(model_config, model_source: str, shape: RunShape, tpu: TpuSlice) -> str:
+    """The plan as text: slice, model, mesh, a table of terms x phases, the verdict."""
+    result = estimate(model_config, shape)
+    total = param_shard_elements(model_config, 1, 1, 1)
+    lines = [
+        f"slice {tpu.name}: {tpu.chips} chips of {tpu.hbm_bytes / GIB:.0f} GiB HBM, "
+        f"{tpu.hosts} host(s), one JAX process per host",
+        f"model {model_source}: {total / 1e9:.2f} B parameters, {model_config.num_layers} "
+        f"layers, d={model_config.hidden_size}, vocab {model_config.vocab_size}",
+        f"mesh data={shape.data} fsdp={shape.fsdp} tensor={shape.tensor}; "
+        f"{shape.prompts_per_step} prompts x {shape.group_size} samples per step in "
+        f"{shape.micro_batches} micro-batch(es); prompts {shape.prompt_tokens} tokens (sampler "
+        f"bucket {shape.sample_prompt_tokens}), responses {shape.new_tokens}; remat "
+        f"{'on' if shape.remat else 'off'}",
+    ]
+    if shape.devices > tpu.chips:
+        lines.append(f"error: the mesh needs {shape.devices} chips, the slice has {tpu.chips}")
+    elif shape.devices < tpu.chips:
+        lines.append(f"note: the mesh uses {shape.devices} of the slice's {tpu.chips} chips")
+    width = max(map(len, result.terms)) + 2
+    lines.append("GiB per chip".ljust(width) + "".join(f"{p:>14}" for p in PHASES))
+    for name, by_phase in result.terms.items():
+        lines.append(name.ljust(width) + "".join(
+            f"{by_phase[p] / GIB:14.2f}" if p in by_phase else f"{'-':>14}" for p in PHASES))
+    lines.append("total".ljust(width) + "".join(f"{result.total(p) / GIB:14.2f}"
+                                                for p in PHASES))
+    lines.extend(verdict(model_config, shape, tpu))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def load_model_config(model_path: str, model_config: str | None):
+    """``--model-config`` (a preset name or a config.json file), else model.path/config.json."""
+    from reczero_jax.models.config import ModelConfig
+
+    if model_config is not None:
+        if model_config.lower() in PRESETS:
+            return ModelConfig.from_hf(PRESETS[model_config.lower()]), model_config
+        file = Path(model_config)
+        if not file.is_file():
+            raise ValueError(f"--model-config {model_config!r} is neither a preset "
+                             f"({', '.join(PRESETS)}) nor a config.json file")
+        return ModelConfig.from_hf(json.loads(file.read_text())), str(file)
+    file = Path(model_path) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{file} not found (model.path is not here): pass --model-config "
+                         f"with a config.json file or a preset ({', '.join(PRESETS)})")
+    return ModelConfig.from_hf(json.loads(file.read_text())), str(file)
+
+
+def register(subparsers) -> None:
+    """Add ``reczero plan`` to the ``reczero`` parser."""
+    plan = subparsers.add_parser(
+        "plan", help="per-chip memory estimate of a training config on a TPU slice",
+        description="Estimate parameters, optimizer state, gradients, activations, logits and "
+                    "rollout KV caches per chip for CONFIG's model and mesh on --slice, with a "
+                    "verdict and the knob to turn when it does not fit. Formulas: "
+                    "reczero_jax/plan.py.")
+    plan.add_argument("config", help="YAML experiment config (see configs/)")
+    plan.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    plan.add_argument("--slice", required=True, dest="tpu_slice",
+                      help="accelerator type: v4-8, v5p-8, v5e-16 (v5litepod-16), v6e-8, ...")
+    plan.add_argument("--model-config", help="a config.json file or a preset "
+                      f"({', '.join(PRESETS)}), when model.path is not on this machine")
+    plan.set_defaults(func=_plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from reczero_jax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    model_config, source = load_model_config(config.model.path, args.model_config)
+    print(format_plan(model_config, source, RunShape.from_config(config),
+                      parse_slice(args.tpu_slice)))
+    return 0
