@@ -1,6 +1,7 @@
 """Orbax checkpoints: exact round trip, restore onto other meshes, retention, corruption
 fallback, config compatibility, SIGTERM guard."""
 
+import dataclasses
 import functools
 import os
 import signal
@@ -13,7 +14,14 @@ import optax
 import pytest
 
 from reczero_jax import mesh as meshlib
-from reczero_jax.train.checkpoint import Checkpointer, PreemptionGuard, check_compatible
+from reczero_jax.config import load_config
+from reczero_jax.train.checkpoint import (
+    COMPATIBILITY_KEYS,
+    Checkpointer,
+    PreemptionGuard,
+    _flatten,
+    check_compatible,
+)
 from reczero_jax.train.step import OptimConfig, Trainer
 from tests.test_sampling import tiny_model
 
@@ -256,23 +264,31 @@ def test_restore_with_no_checkpoint_is_a_clear_error(trained, tmp_path):
 
 
 def test_incompatible_config_is_an_error_naming_each_key():
-    changed = {**CONFIG, "model": {**CONFIG["model"], "hidden_size": 64, "path": "other"},
-               "grpo": {**CONFIG["grpo"], "group_size": 4, "temperature": 0.7},
-               "mesh": {"data": 1, "fsdp": 4, "tensor": 2}, "train": {"steps": 100}}
+    saved = dataclasses.asdict(load_config(None, []))
+    changed = dataclasses.asdict(load_config(None, [
+        "model.path=other", "grpo.group_size=4", "seed=3", "grpo.temperature=0.7",
+        "mesh.fsdp=4", "train.steps=100", "optim.learning_rate=0.001"]))
     with pytest.raises(ValueError) as error:
-        check_compatible(CONFIG, changed)
+        check_compatible(saved, changed)
     message = str(error.value)
-    assert "model.hidden_size: checkpoint has 32, config has 64" in message
-    assert "model.path: checkpoint has 'tiny', config has 'other'" in message
-    assert "grpo.group_size: checkpoint has 2, config has 4" in message
-    for allowed in ("temperature", "mesh", "train.steps"):
+    assert f"model.path: checkpoint has {saved['model']['path']!r}, config has 'other'" in message
+    assert "grpo.group_size: checkpoint has 8, config has 4" in message
+    assert "seed: checkpoint has 0, config has 3" in message
+    for allowed in ("temperature", "mesh", "train.steps", "learning_rate"):
         assert allowed not in message
-    # Mesh, step count and sampling temperature may change freely.
-    check_compatible(CONFIG, {**changed, "model": CONFIG["model"], "grpo": CONFIG["grpo"]})
-    dropped = {key: value for key, value in CONFIG.items() if key != "data"}
-    with pytest.raises(ValueError, match="data.max_prompt_tokens: checkpoint has 12, config "
+    # Mesh, step count, learning rate and sampling temperature may change freely.
+    check_compatible(saved, {**changed, "model": saved["model"], "grpo": saved["grpo"],
+                             "seed": saved["seed"]})
+    dropped = {key: value for key, value in saved.items() if key != "data"}
+    with pytest.raises(ValueError, match="data.max_prompt_tokens: checkpoint has 1024, config "
                                          "has '<absent>'"):
-        check_compatible(CONFIG, dropped)
+        check_compatible(saved, dropped)
+
+
+def test_compatibility_keys_name_config_entries():
+    entries = set(_flatten(dataclasses.asdict(load_config(None, []))))
+    for key in COMPATIBILITY_KEYS:
+        assert key in entries or any(name.startswith(key + ".") for name in entries), key
 
 
 def test_untyped_rng_key_is_rejected(trained, tmp_path):

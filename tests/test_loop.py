@@ -3,33 +3,16 @@
 import json
 
 import pytest
-from flax import nnx
 
 from reczero_jax.config import load_config
-from reczero_jax.data.samples import SampleConfig
-from reczero_jax.data.tfds_builder import SourceConfig, prepare
-from reczero_jax.models import Decoder, ModelConfig, from_pretrained, save_pretrained
-from reczero_jax.train.loop import run
+from reczero_jax.models import from_pretrained
+from reczero_jax.train.checkpoint import Checkpointer
+from reczero_jax.train.loop import plan_phases, run
+from tests import fixtures_run
 
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer, as an HF directory."""
-    config = ModelConfig(model_type="llama", vocab_size=len(smollm2_tokenizer), hidden_size=32,
-                         intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         head_dim=8, tie_word_embeddings=True,
-                         eos_token_id=smollm2_tokenizer.eos_token_id)
-    out = tmp_path_factory.mktemp("tiny_llama")
-    save_pretrained(Decoder(config, rngs=nnx.Rngs(0)), out, tokenizer=smollm2_tokenizer)
-    return out
-
-
-@pytest.fixture(scope="module")
-def small_ml100k(tmp_path_factory):
-    samples = SampleConfig(max_samples=(("train", 8), ("validation", 2), ("test", 4)))
-    out = tmp_path_factory.mktemp("ml100k")
-    prepare(SourceConfig.for_dataset("movielens-100k", samples=samples), out)
-    return out
+# The shared fixtures, by name (pytest finds them as module attributes).
+small_ml100k = fixtures_run.small_ml100k
+tiny_model_dir = fixtures_run.tiny_model_dir
 
 
 @pytest.mark.slow
@@ -57,6 +40,11 @@ def test_program_writes_its_run_directory(algorithm, tiny_model_dir, small_ml100
     assert (run_dir / "eval.md").read_text().startswith("| name |")
     assert len((run_dir / "eval_samples.jsonl").read_text().splitlines()) == 2 * len(results)
     assert load_config(run_dir / "config.yaml") == config
+    # Each phase's last step is checkpointed (steps numbered across phases).
+    last = plan_phases(config)[-1]
+    restored = Checkpointer(run_dir / "checkpoints").restore()
+    assert restored.step == last.offset + last.steps == (2 if algorithm == "recone" else 1)
+    assert restored.progress["phase"] == last.name
     reloaded = from_pretrained(run_dir / "export")
     assert reloaded.config.vocab_size == config_vocab(tiny_model_dir)
 

@@ -4,7 +4,8 @@ One step directory ``RUN_DIR/<step>/`` holds five items::
 
     params/     parameters (nnx.State), array storage, each host writes its own shards
     opt_state/  optax state (Adam moments mu, nu and the step count), array storage
-    run/        JSON: every RNG key (impl name, shape, uint32 key data) and the data-iterator state
+    run/        JSON: every RNG key (impl name, shape, uint32 key data), the data-iterator state
+                and the loop's progress (e.g. the phase and its step, evaluation results)
     config/     JSON: the resolved config
     metrics/    JSON: the step's metrics (orbax's own item; it ranks the best-N checkpoints)
 
@@ -54,15 +55,28 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-# Config entries that fix the shapes of the saved arrays or the meaning of the run; a
-# dotted key names one entry, or every entry under it when it names a sub-tree. Mesh
-# layout, step counts, logging and learning rate may change between runs.
+# Entries of ExperimentConfig that fix the shapes of the saved arrays (the model and its
+# parameter dtype), the position the data-iterator state refers to (the data, prompt
+# length and layout, batch size, seed), or the meaning of a step number (the algorithm and
+# its SFT phase, whose length offsets the GRPO steps). A dotted key names one entry, or
+# every entry under it when it names a sub-tree. Mesh layout, GRPO step count, evaluation,
+# logging, checkpointing and learning rates may change between runs.
 COMPATIBILITY_KEYS = (
-    "model",
-    "tokenizer",
+    "algorithm",
+    "seed",
+    "model.path",
+    "model.param_dtype",
+    "data.dir",
+    "data.layout",
+    "data.max_prompt_tokens",
+    "data.train_samples",
     "grpo.group_size",
     "grpo.max_new_tokens",
-    "data.max_prompt_tokens",
+    "train.prompts_per_step",
+    "sft.traces",
+    "sft.steps",
+    "sft.batch_size",
+    "sft.max_response_tokens",
 )
 
 BEST_METRIC = "val_mae"
@@ -78,6 +92,7 @@ class Restored(NamedTuple):
     data_state: dict | bytes | str | None
     config: dict
     metrics: dict[str, float]
+    progress: dict
 
 
 def abstract_like(tree, shardings):
@@ -135,9 +150,11 @@ class Checkpointer:
 
     def save(self, step: int, *, params, opt_state, rng_keys: Mapping[str, jax.Array],
              data_state: dict | bytes | str | None, config: Mapping[str, Any],
-             metrics: Mapping[str, float], force: bool = False) -> bool:
+             metrics: Mapping[str, float], progress: Mapping[str, Any] | None = None,
+             force: bool = False) -> bool:
         """Start saving ``step``; returns whether a save was started (the interval, or
-        ``force``; a step that already exists is never overwritten).
+        ``force``; a step that already exists is never overwritten). ``progress`` is any
+        JSON the caller needs to continue from this step (``Restored.progress``).
 
         Safe to donate ``params``/``opt_state`` to the next train step right after this
         returns: orbax copies every array to host memory before returning (its default, no
@@ -146,7 +163,8 @@ class Checkpointer:
         step = int(step)
         if step in self._manager.all_steps():
             return False
-        run_state = {"rng_keys": _keys_to_json(rng_keys), "data_state": _encode_data(data_state)}
+        run_state = {"rng_keys": _keys_to_json(rng_keys), "data_state": _encode_data(data_state),
+                     "progress": _as_json("progress", dict(progress or {}))}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -265,6 +283,7 @@ class Checkpointer:
             data_state=_decode_data(run["data_state"]),
             config=restored["config"],
             metrics=dict(self._manager.metrics(step) or {}),
+            progress=run["progress"],
         )
 
 

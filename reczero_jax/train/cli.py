@@ -1,4 +1,4 @@
-"""``reczero train CONFIG [key=value ...]`` and ``reczero eval``."""
+"""``reczero train CONFIG [key=value ...] [--restart]``, ``reczero export`` and ``reczero eval``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,21 @@ def register(subparsers) -> None:
         description="Train with a YAML config; key.sub=value arguments override it.")
     train.add_argument("config", help="YAML experiment config (see configs/)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    train.add_argument("--restart", action="store_true",
+                       help="delete the checkpoints and logs in run_dir and start over (without "
+                            "it, a run directory with checkpoints resumes from the latest)")
     train.set_defaults(func=_train)
+
+    export = subparsers.add_parser(
+        "export", help="write a run's checkpoint as a Hugging Face model directory",
+        description="Restore a checkpoint's parameters and write safetensors, config.json and "
+                    "the tokenizer (architecture and tokenizer from the run's model.path).")
+    export.add_argument("--run", required=True, help="run directory of `reczero train`")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--dtype", choices=("bfloat16", "float32"),
+                        help="weight dtype (default: the parameters' own)")
+    export.set_defaults(func=_export)
 
     evaluate = subparsers.add_parser(
         "eval", help="greedy evaluation of a model on a prepared split",
@@ -34,7 +48,14 @@ def _train(args: argparse.Namespace) -> int:
     from reczero_jax.config import load_config
     from reczero_jax.train.loop import run
 
-    run(load_config(args.config, args.overrides))
+    run(load_config(args.config, args.overrides), restart=args.restart)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from reczero_jax.train.export import export_run
+
+    export_run(args.run, args.out, step=args.step, dtype=args.dtype)
     return 0
 
 

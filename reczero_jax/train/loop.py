@@ -1,23 +1,39 @@
 """The programs users run: RecZero (GRPO only), RecOne (warm-start SFT, then GRPO), SFT.
 
-    run(config) -> {"zero-shot": metrics, "after SFT": metrics, "after GRPO": metrics}
+    run(config, restart=False) -> {"zero-shot": metrics, "after SFT": metrics, ...}
 
-Writes into ``config.run_dir``: ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per
-step and phase), ``eval.json`` / ``eval.md`` (every evaluation, with per-sample answers in
-``eval_samples.jsonl``) and ``export/`` (the final policy as a Hugging Face directory).
+A run is a zero-shot evaluation, then its phases ("sft", "grpo" or both, in that order), each
+followed by a greedy evaluation. Steps are numbered across phases from 1: with S SFT steps
+and T GRPO steps, SFT is steps 1..S and GRPO S+1..S+T, and step g's checkpoint holds the
+state after g updates. The GRPO phase starts with a fresh optimizer state.
+
+Writes into ``config.run_dir``: ``checkpoints/<g>/`` (Orbax: every ``train.checkpoint_every``
+steps, at the end of each phase and on SIGTERM; the newest ``train.keep_checkpoints`` are kept,
+plus the one of lowest validation MAE when validation runs), and, from process 0 alone,
+``config.yaml`` (resolved), ``metrics.jsonl`` (one line per step and phase; phase "val" every
+``train.eval_every`` GRPO steps), ``eval.json`` / ``eval.md`` (the evaluations, with per-sample
+answers in ``eval_samples.jsonl``) and ``export/`` (the final policy as a Hugging Face
+directory).
+
+Resume: on a run directory that holds a checkpoint, ``run`` continues from the latest complete
+one (after checking that the config is compatible): parameters, optimizer state, RNG key,
+the grain iterator's position and the SFT sampler's position come back, so the resumed run is
+the uninterrupted one. Logs keep the rows written up to that checkpoint and lose the rest;
+evaluations before it are not repeated. ``restart=True`` deletes the run's outputs first.
+SIGTERM (a preemption notice): the current step finishes, is saved, and ``run`` returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -29,80 +45,165 @@ from reczero_jax.data import load_split
 from reczero_jax.data.pipeline import default_pad_id, make_pipeline
 from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
 from reczero_jax.mesh import make_mesh
-from reczero_jax.models import from_pretrained, save_pretrained
+from reczero_jax.models import from_pretrained
 from reczero_jax.rewards import TokenRewardFn
+from reczero_jax.train.checkpoint import Checkpointer, PreemptionGuard, Restored, check_compatible
+from reczero_jax.train.export import CHECKPOINTS, DTYPES, export_model
 from reczero_jax.train.step import OptimConfig, Trainer, rollout
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "eval_samples.jsonl"
+# What a run writes besides checkpoints: a fresh start removes what an earlier run left
+# (tensorboard/ and plots/ are observe.RunLogger's); --restart removes checkpoints too.
+LOG_OUTPUTS = (METRICS_FILE, SAMPLES_FILE, "eval.json", "eval.md", "export", "tensorboard",
+               "plots")
+VAL_SPLIT = "validation"  # validation every train.eval_every steps; the report uses eval_split
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl``."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (nothing when not ``enabled``,
+    e.g. on every process but the first)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
 
     def write(self, phase: str, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         row = {"phase": phase, "step": step, "time": time.time()}
-        # Scalars only: nested breakdowns (e.g. by history length) go to eval.json.
-        row.update({k: float(v) for k, v in metrics.items()
-                    if isinstance(v, int | float | np.number) or getattr(v, "ndim", None) == 0})
+        row.update(scalars(metrics))
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
 
-def run(config: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    # A run starts afresh (no resume yet): logs of an earlier run in this directory go.
-    for name in ("metrics.jsonl", "eval_samples.jsonl"):
-        (run_dir / name).unlink(missing_ok=True)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    mesh = make_mesh(**dataclasses.asdict(config.mesh))
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-    model = from_pretrained(config.model.path, dtype=DTYPES[config.model.dtype],
-                            param_dtype=DTYPES[config.model.param_dtype], mesh=mesh)
-    model.remat = config.model.remat
-    train_records = _take(load_split(config.data.dir, "train"), config.data.train_samples)
-    eval_records = _take(load_split(config.data.dir, config.data.eval_split),
-                         config.data.eval_samples)
-    reward_fn = TokenRewardFn(tokenizer, kind=config.train.reward)
-    eos_ids = tuple(sorted(set(model.config.eos_token_ids) | {tokenizer.eos_token_id}))
-    print(f"[reczero] {config.algorithm}: {len(train_records)} train samples, "
-          f"{len(eval_records)} {config.data.eval_split} samples, mesh {dict(mesh.shape)}")
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries as floats; nested breakdowns (e.g. by history length) are left to
+    eval.json."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, int | float | np.number) or getattr(v, "ndim", None) == 0}
 
-    results: dict[str, dict[str, Any]] = {}
 
-    def run_eval(name: str) -> None:
-        report = evaluate(model, tokenizer, eval_records, reward_fn=reward_fn,
-                          max_prompt_tokens=config.data.max_prompt_tokens,
-                          max_new_tokens=config.train.eval_max_new_tokens,
-                          batch_size=config.train.eval_batch_size, layout=config.data.layout,
-                          desc=f"eval {name}")
-        results[name] = report["metrics"]
-        log.write(f"eval {name}", 0, report["metrics"])
-        with (run_dir / "eval_samples.jsonl").open("a") as f:
-            for row in report["rows"]:
-                f.write(json.dumps({"model": name, **row}) + "\n")
-        m = report["metrics"]
-        print(f"[reczero] {name}: MAE {m['mae']:.4f} RMSE {m['rmse']:.4f} "
-              f"parse {m['parse_rate']:.2f} format {m['format_rate']:.2f} "
-              f"tokens/request {m['tokens_per_request']:.0f}")
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A training phase: global steps ``offset + 1 .. offset + steps``, then ``eval_name``."""
 
-    run_eval("zero-shot")
+    name: str  # "sft" | "grpo"
+    steps: int
+    offset: int
+    eval_name: str
+
+
+def plan_phases(config: ExperimentConfig) -> list[Phase]:
+    phases = []
     if config.algorithm in ("recone", "sft"):
-        model = warm_start(model, mesh, tokenizer, train_records, config, log)
-        run_eval("after SFT")
+        phases.append(Phase("sft", config.sft.steps, 0, "after SFT"))
     if config.algorithm in ("reczero", "recone"):
-        model = train_grpo(model, mesh, tokenizer, train_records, reward_fn, eos_ids, config, log)
-        run_eval("after GRPO" if config.algorithm == "reczero" else "after SFT + GRPO")
+        offset = sum(phase.steps for phase in phases)
+        phases.append(Phase("grpo", config.train.steps, offset,
+                            "after GRPO" if config.algorithm == "reczero" else "after SFT + GRPO"))
+    return phases
 
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    (run_dir / "eval.md").write_text(markdown_table(results, REPORT_COLUMNS) + "\n")
-    save_pretrained(model, run_dir / "export", tokenizer=tokenizer)
-    print(f"[reczero] run directory {run_dir}: eval.md, metrics.jsonl, export/")
-    return results
+
+def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[str, Any]]:
+    """Run (or resume) the program of ``config``; returns the evaluations so far by name."""
+    run_dir = Path(config.run_dir)
+    primary = jax.process_index() == 0
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if restart:
+            remove_outputs(run_dir, (CHECKPOINTS, *LOG_OUTPUTS))
+    _sync("run directory prepared")
+    checkpoints = Checkpointer(run_dir / CHECKPOINTS, save_every=config.train.checkpoint_every,
+                               keep_last=config.train.keep_checkpoints,
+                               keep_best=1 if config.train.eval_every else 0)
+    resume = find_resume(checkpoints, config)
+    if primary:
+        if resume is None:
+            remove_outputs(run_dir, LOG_OUTPUTS)
+        save_config(config, run_dir / "config.yaml")
+    session = Session(config, checkpoints, MetricsLog(run_dir / METRICS_FILE, enabled=primary))
+    print(f"[reczero] {config.algorithm}: {len(session.train_records)} train samples, "
+          f"{len(session.eval_records)} {config.data.eval_split} samples, "
+          f"mesh {dict(session.mesh.shape)}")
+    if resume is None:
+        session.run_eval("zero-shot", session.base_model, step=0)
+
+    model = session.base_model
+    phases = plan_phases(config)
+    # The phase of the checkpoint resumes; the ones before it are done.
+    first = [phase.name for phase in phases].index(resume.progress["phase"]) if resume else 0
+    with PreemptionGuard() as guard:
+        for index, phase in enumerate(phases):
+            if index < first:
+                continue
+            run_phase = session.warm_start if phase.name == "sft" else session.train_grpo
+            model, stopped = run_phase(phase, model, resume is not None and index == first, guard)
+            if stopped:
+                checkpoints.close()
+                print(f"[reczero] {guard.signal_name}: stopped after step {stopped}, saved to "
+                      f"{checkpoints.directory}; the same command resumes the run")
+                return session.results
+            session.run_eval(phase.eval_name, model, step=phase.offset + phase.steps)
+
+    if primary:
+        (run_dir / "eval.json").write_text(json.dumps(session.results, indent=2))
+        (run_dir / "eval.md").write_text(markdown_table(session.results, REPORT_COLUMNS) + "\n")
+    export_model(model, run_dir / "export", tokenizer=session.tokenizer)
+    checkpoints.close()
+    print(f"[reczero] run directory {run_dir}: eval.md, metrics.jsonl, export/, checkpoints/")
+    return session.results
+
+
+def find_resume(checkpoints: Checkpointer, config: ExperimentConfig) -> Restored | None:
+    """The latest complete checkpoint's non-array parts (its phase says where the run goes
+    on), or None in a fresh run directory. Raises if the saved config is incompatible, or if
+    no saved step can be read. ``Session.restore`` reads the arrays, and falls back to an
+    earlier step if this one's turn out to be damaged."""
+    saved = checkpoints.all_steps()
+    if not saved:
+        return None
+    step = checkpoints.latest_complete_step()
+    if step is None:
+        raise RuntimeError(f"{checkpoints.directory} holds steps {saved} but none can be read; "
+                           "start over with --restart (this deletes them)")
+    check_compatible(checkpoints.saved_config(step), dataclasses.asdict(config))
+    return checkpoints.restore(step)
+
+
+def remove_outputs(run_dir: Path, names: Sequence[str]) -> None:
+    for name in names:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def rewind_logs(run_dir: Path, resume: Restored) -> None:
+    """Keep the log lines written before checkpoint ``resume.step`` was saved: metrics rows of
+    earlier steps and of this step's training and validation (an evaluation after a phase is
+    logged at the phase's last step but runs after its checkpoint, so it is redone), and the
+    samples of the evaluations the checkpoint holds."""
+    evals = resume.progress["evals"]
+
+    def keep_metrics(row):
+        return row["step"] < resume.step or (row["step"] == resume.step
+                                             and not row["phase"].startswith("eval "))
+
+    for name, keep in ((METRICS_FILE, keep_metrics), (SAMPLES_FILE, lambda r: r["model"] in evals)):
+        path = run_dir / name
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
+            path.write_text("".join(line + "\n" for line in lines))
+
+
+def _sync(name: str) -> None:
+    """With several processes, wait until all reach this point (process 0 prepares files)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _take(records: Sequence[dict], limit: int) -> list[dict]:
@@ -110,7 +211,191 @@ def _take(records: Sequence[dict], limit: int) -> list[dict]:
     return [records[i] for i in range(count)]
 
 
-# ----------------------------------------------------------------------------- SFT
+class Session:
+    """What the phases of one run share: config, mesh, tokenizer, data, logs, checkpoints."""
+
+    def __init__(self, config: ExperimentConfig, checkpoints: Checkpointer, log: MetricsLog):
+        self.config = config
+        self.checkpoints = checkpoints
+        self.log = log
+        self.run_dir = Path(config.run_dir)
+        self.results: dict[str, dict[str, Any]] = {}
+        self.mesh = make_mesh(**dataclasses.asdict(config.mesh))
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+        self.base_model = from_pretrained(config.model.path, dtype=DTYPES[config.model.dtype],
+                                          param_dtype=DTYPES[config.model.param_dtype],
+                                          mesh=self.mesh)
+        self.base_model.remat = config.model.remat
+        self.train_records = _take(load_split(config.data.dir, "train"), config.data.train_samples)
+        self.eval_records = _take(load_split(config.data.dir, config.data.eval_split),
+                                  config.data.eval_samples)
+        self.reward_fn = TokenRewardFn(self.tokenizer, kind=config.train.reward)
+        self.eos_ids = tuple(sorted(set(self.base_model.config.eos_token_ids)
+                                    | {self.tokenizer.eos_token_id}))
+        self._val_records = None
+
+    # -- evaluation -------------------------------------------------------------------
+
+    def _evaluate(self, model, records, desc: str) -> dict[str, Any]:
+        config = self.config
+        return evaluate(model, self.tokenizer, records, reward_fn=self.reward_fn,
+                        max_prompt_tokens=config.data.max_prompt_tokens,
+                        max_new_tokens=config.train.eval_max_new_tokens,
+                        batch_size=config.train.eval_batch_size, layout=config.data.layout,
+                        desc=desc)
+
+    def run_eval(self, name: str, model, step: int) -> None:
+        """A report evaluation (on ``data.eval_split``), logged at global ``step``."""
+        report = self._evaluate(model, self.eval_records, f"eval {name}")
+        m = self.results[name] = report["metrics"]
+        self.log.write(f"eval {name}", step, m)
+        if self.log.enabled:
+            with (self.run_dir / SAMPLES_FILE).open("a") as f:
+                for row in report["rows"]:
+                    f.write(json.dumps({"model": name, **row}) + "\n")
+        print(f"[reczero] {name}: MAE {m['mae']:.4f} RMSE {m['rmse']:.4f} "
+              f"parse {m['parse_rate']:.2f} format {m['format_rate']:.2f} "
+              f"tokens/request {m['tokens_per_request']:.0f}")
+
+    def validate(self, model, step: int) -> dict[str, float]:
+        """Greedy evaluation on the validation split, logged as phase "val"."""
+        if self._val_records is None:
+            self._val_records = _take(load_split(self.config.data.dir, VAL_SPLIT),
+                                      self.config.data.eval_samples)
+        metrics = self._evaluate(model, self._val_records, "validation")["metrics"]
+        self.log.write("val", step, metrics)
+        return {"val_mae": metrics["mae"]}
+
+    # -- the step loop shared by both phases ----------------------------------------------
+
+    def train_steps(self, phase: Phase, trainer: Trainer, start: int, guard: PreemptionGuard,
+                    step_fn: Callable[[int, int], dict[str, Any]],
+                    saved_state: Callable[[], tuple[dict, Any]]) -> int:
+        """Phase steps ``start + 1 .. phase.steps``: ``step_fn(phase_step, global_step)``
+        updates ``trainer`` and returns the checkpoint metrics; ``saved_state()`` gives the RNG
+        keys and data-iterator state to save. Returns the global step it stopped at on
+        SIGTERM (after saving it), else 0."""
+        progress = tqdm(range(start + 1, phase.steps + 1), initial=start, total=phase.steps,
+                        desc=phase.name.upper(), unit="step")
+        for phase_step in progress:
+            step = phase.offset + phase_step
+            metrics = step_fn(phase_step, step)
+            stop = guard.should_stop()
+            rng_keys, data_state = saved_state()
+            self.checkpoints.save(
+                step, params=trainer.params, opt_state=trainer.opt_state, rng_keys=rng_keys,
+                data_state=data_state, config=dataclasses.asdict(self.config),
+                metrics=scalars(metrics),
+                progress={"phase": phase.name, "phase_step": phase_step, "evals": self.results},
+                force=stop or phase_step == phase.steps)
+            progress.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "reward_mean",
+                                                                   "format_rate") if k in metrics})
+            if stop:
+                self.checkpoints.wait()
+                return step
+        return 0
+
+    def restore(self, trainer: Trainer, phase: Phase) -> Restored:
+        """The newest step that restores (an unreadable one is reported and the one before it
+        tried) into ``trainer``; the logs and evaluation results are rewound to it."""
+        restored = self.checkpoints.restore(
+            abstract_params=trainer.params, param_sharding=trainer.param_sharding,
+            abstract_opt_state=trainer.opt_state, opt_sharding=trainer.opt_sharding)
+        if restored.progress["phase"] != phase.name:
+            raise RuntimeError(
+                f"the {phase.name} checkpoints in {self.checkpoints.directory} cannot be read and "
+                f"the newest readable one, step {restored.step}, is of the "
+                f"{restored.progress['phase']} phase; move the unreadable steps away to resume "
+                "from it, or start over with --restart")
+        trainer.params, trainer.opt_state = restored.params, restored.opt_state
+        self.results = dict(restored.progress["evals"])
+        if self.log.enabled:
+            rewind_logs(self.run_dir, restored)
+        print(f"[reczero] resuming {self.run_dir} from checkpoint step {restored.step} "
+              f"({phase.name} step {restored.progress['phase_step']} of {phase.steps}); "
+              "--restart starts over")
+        return restored
+
+    # -- SFT --------------------------------------------------------------------------
+
+    def warm_start(self, phase: Phase, model, resume: bool, guard: PreemptionGuard):
+        """RecOne's warm start: SFT on four-tag traces (loss on the response tokens only).
+        ``resume``: continue from the newest checkpoint (of this phase). Returns the policy
+        and the step it stopped at on SIGTERM (0 when the phase ran to its end)."""
+        config = self.config
+        examples = sft_examples(self.train_records, self.tokenizer, config)
+        optim = OptimConfig(**{**dataclasses.asdict(config.optim),
+                               "learning_rate": config.sft.learning_rate, "micro_batches": 1})
+        trainer = Trainer(model, self.mesh, optim)
+        start = self.restore(trainer, phase).progress["phase_step"] if resume else 0
+        longest = config.data.max_prompt_tokens + config.sft.max_response_tokens
+        length, pad_id = -(-longest // 128) * 128, default_pad_id(self.tokenizer)
+
+        def step_fn(phase_step: int, step: int) -> dict[str, Any]:
+            batch = sft_batch(examples, phase_step, config.sft.batch_size, length, pad_id,
+                              config.seed)
+            metrics = trainer.sft_step(*batch)
+            self.log.write("sft", step, metrics)
+            return metrics
+
+        # The sampler draws batch k from (seed, k) alone: its position is the phase step.
+        stopped = self.train_steps(phase, trainer, start, guard, step_fn, lambda: ({}, None))
+        return trainer.model, stopped
+
+    # -- GRPO -------------------------------------------------------------------------
+
+    def train_grpo(self, phase: Phase, model, resume: bool, guard: PreemptionGuard):
+        """GRPO: rollout (sample G answers per prompt, token rewards, advantages) then update;
+        arguments and result as ``warm_start``'s."""
+        config = self.config
+        if resume and config.grpo.kl_coef and config.algorithm == "recone":
+            raise NotImplementedError(
+                "resuming RecOne's GRPO phase with grpo.kl_coef > 0 needs the post-SFT reference "
+                "policy, which checkpoints do not hold; set grpo.kl_coef=0 or --restart")
+        # The KL reference is the policy GRPO starts from: the base model, or the SFT result.
+        reference = model if config.grpo.kl_coef else None
+        trainer = Trainer(model, self.mesh, config.optim, config.grpo, ref_model=reference)
+        batches = iter(make_pipeline(self.train_records, self.tokenizer,
+                                     global_batch_size=config.train.prompts_per_step,
+                                     max_prompt_tokens=config.data.max_prompt_tokens,
+                                     seed=config.seed, num_epochs=None, layout=config.data.layout))
+        key = jax.random.key(config.seed)
+        start = 0
+        if resume:
+            restored = self.restore(trainer, phase)
+            batches.set_state(restored.data_state)
+            key = restored.rng_keys["rollout"]
+            start = restored.progress["phase_step"]
+        pad_id = default_pad_id(self.tokenizer)
+
+        def step_fn(phase_step: int, step: int) -> dict[str, Any]:
+            batch = next(batches)
+            began = time.perf_counter()
+            scored = rollout(trainer.model, self.reward_fn, batch["prompt_ids"],
+                             batch["prompt_mask"], batch["rating"].astype(np.float32),
+                             jax.random.fold_in(key, phase_step), config.grpo,
+                             eos_ids=self.eos_ids, pad_id=pad_id)
+            jax.block_until_ready(scored)
+            rollout_seconds = time.perf_counter() - began
+            # With several updates per rollout, each one reuses it and the sampler's log-probs
+            # are the old policy's (see Trainer._grpo_loss_terms).
+            for _ in range(config.grpo.updates_per_rollout):
+                metrics = trainer.grpo_step(scored)
+            metrics.update(rollout_metrics(scored, batch["rating"]),
+                           prompt_tokens=float(batch["prompt_mask"].sum()),
+                           rollout_seconds=rollout_seconds,
+                           update_seconds=time.perf_counter() - began - rollout_seconds)
+            self.log.write("grpo", step, metrics)
+            if config.train.eval_every and phase_step % config.train.eval_every == 0:
+                metrics.update(self.validate(trainer.model, step))
+            return metrics
+
+        stopped = self.train_steps(phase, trainer, start, guard, step_fn,
+                                   lambda: ({"rollout": key}, batches.get_state()))
+        return trainer.model, stopped
+
+
+# ----------------------------------------------------------------------------- SFT data
 
 
 def sft_examples(records: Sequence[dict], tokenizer, config: ExperimentConfig
@@ -137,78 +422,25 @@ def sft_examples(records: Sequence[dict], tokenizer, config: ExperimentConfig
     return examples
 
 
-def sft_batches(examples, batch_size: int, length: int, pad_id: int, seed: int
-                ) -> Iterator[tuple]:
-    """Right-padded [B, length] ids, attention mask and loss mask (response tokens), forever;
-    each batch a fresh seeded draw of distinct examples. One fixed length: one compilation."""
-    rng = np.random.default_rng(seed)
-    while True:
-        chosen = [examples[i] for i in rng.permutation(len(examples))[:batch_size]]
-        ids = np.full((len(chosen), length), pad_id, np.int32)
-        mask = np.zeros((len(chosen), length), np.int32)
-        loss_mask = np.zeros((len(chosen), length), np.int32)
-        for row, (tokens, prompt_length) in enumerate(chosen):
-            ids[row, : len(tokens)] = tokens
-            mask[row, : len(tokens)] = 1
-            loss_mask[row, prompt_length: len(tokens)] = 1
-        yield ids, mask, loss_mask
-
-
-def warm_start(model, mesh, tokenizer, records, config: ExperimentConfig, log: MetricsLog):
-    """RecOne's warm start: SFT on four-tag traces (loss on the response tokens only)."""
-    examples = sft_examples(records, tokenizer, config)
-    optim = OptimConfig(**{**dataclasses.asdict(config.optim),
-                           "learning_rate": config.sft.learning_rate, "micro_batches": 1})
-    trainer = Trainer(model, mesh, optim)
-    longest = config.data.max_prompt_tokens + config.sft.max_response_tokens
-    batches = sft_batches(examples, config.sft.batch_size, -(-longest // 128) * 128,
-                          default_pad_id(tokenizer), config.seed)
-    progress = tqdm(range(config.sft.steps), desc="SFT", unit="step")
-    for step in progress:
-        metrics = trainer.sft_step(*next(batches))
-        log.write("sft", step, metrics)
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-    return trainer.model
-
-
-# ----------------------------------------------------------------------------- GRPO
-
-
-def train_grpo(model, mesh, tokenizer, records, reward_fn, eos_ids, config: ExperimentConfig,
-               log: MetricsLog):
-    """GRPO: rollout (sample G answers per prompt, token rewards, advantages) then update."""
-    reference = model if config.grpo.kl_coef else None
-    trainer = Trainer(model, mesh, config.optim, config.grpo, ref_model=reference)
-    batches = iter(make_pipeline(records, tokenizer,
-                                 global_batch_size=config.train.prompts_per_step,
-                                 max_prompt_tokens=config.data.max_prompt_tokens,
-                                 seed=config.seed, num_epochs=None, layout=config.data.layout))
-    key = jax.random.key(config.seed)
-    pad_id = default_pad_id(tokenizer)
-    progress = tqdm(range(config.train.steps), desc="GRPO", unit="step")
-    for step in progress:
-        batch = next(batches)
-        start = time.perf_counter()
-        scored = rollout(trainer.model, reward_fn, batch["prompt_ids"], batch["prompt_mask"],
-                         batch["rating"].astype(np.float32), jax.random.fold_in(key, step),
-                         config.grpo, eos_ids=eos_ids, pad_id=pad_id)
-        jax.block_until_ready(scored)
-        rollout_seconds = time.perf_counter() - start
-        # With several updates per rollout, each one reuses it and the sampler's log-probs
-        # are the old policy's (see Trainer._grpo_loss_terms).
-        for _ in range(config.grpo.updates_per_rollout):
-            metrics = trainer.grpo_step(scored)
-        metrics.update(rollout_metrics(scored, batch["rating"]),
-                       rollout_seconds=rollout_seconds,
-                       update_seconds=time.perf_counter() - start - rollout_seconds)
-        log.write("grpo", step, metrics)
-        progress.set_postfix(reward=f"{metrics['reward_mean']:.2f}",
-                             format=f"{metrics['format_rate']:.2f}")
-    return trainer.model
+def sft_batch(examples, index: int, batch_size: int, length: int, pad_id: int, seed: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch ``index``: right-padded [B, length] ids, attention mask and loss mask (response
+    tokens) of B distinct examples drawn from the generator seeded by (seed, index) alone, so
+    any batch is reproduced from its index (exact resume). One length: one compilation."""
+    rng = np.random.default_rng([seed, index])
+    chosen = [examples[i] for i in rng.permutation(len(examples))[:batch_size]]
+    ids = np.full((len(chosen), length), pad_id, np.int32)
+    mask = np.zeros((len(chosen), length), np.int32)
+    loss_mask = np.zeros((len(chosen), length), np.int32)
+    for row, (tokens, prompt_length) in enumerate(chosen):
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+        loss_mask[row, prompt_length: len(tokens)] = 1
+    return ids, mask, loss_mask
 
 
 def rollout_metrics(scored, ratings) -> dict[str, float]:
-    """Sample MAE over parsed answers, and generated tokens per second of the rollout."""
+    """Sample MAE and parse rate over the rollout's answers, and its generated tokens."""
     predicted = np.asarray(scored.ratings)
     truth = np.broadcast_to(np.asarray(ratings, np.float32)[:, None], predicted.shape)
     parsed = np.isfinite(predicted)

@@ -1,0 +1,199 @@
+"""Exact resume of `reczero train`: killed (SIGKILL) after a checkpoint and resumed, a run is
+the uninterrupted run bit for bit; SIGTERM saves the current step and exits 0; a RecOne run
+resumed in its GRPO phase does not redo SFT, and may go on on another mesh; the logs of a
+resumed run read as one run."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from reczero_jax.config import load_config, save_config
+from reczero_jax.mesh import single_device_mesh
+from reczero_jax.train.checkpoint import Checkpointer, Restored
+from reczero_jax.train.cli import register
+from reczero_jax.train.export import restore_model
+from reczero_jax.train.loop import rewind_logs, run
+from reczero_jax.train.step import OptimConfig, Trainer
+from tests import fixtures_run
+
+# The shared fixtures, by name (pytest finds them as module attributes).
+small_ml100k = fixtures_run.small_ml100k
+tiny_model_dir = fixtures_run.tiny_model_dir
+
+# Wall-clock measurements differ between runs of the same computation.
+TIMINGS = ("time", "seconds", "rollout_seconds", "update_seconds", "latency_seconds",
+           "requests_per_second", "tokens_per_second")
+
+
+def tiny_run(run_dir, model_dir, data_dir, *extra):
+    return [f"run_dir={run_dir}", f"model.path={model_dir}", f"data.dir={data_dir}",
+            "data.max_prompt_tokens=512", "data.eval_samples=2", "grpo.group_size=2",
+            "grpo.max_new_tokens=8", "train.prompts_per_step=2", "train.eval_max_new_tokens=8",
+            "train.eval_batch_size=2", "sft.batch_size=2", "sft.max_response_tokens=32", *extra]
+
+
+def start_train(tmp_path, name, overrides):
+    """`python -m reczero_jax.cli train` in a subprocess (the test's environment, e.g. its 8
+    CPU devices and matmul precision, so every run computes alike); stdout in a file."""
+    config = tmp_path / f"{name}.yaml"
+    save_config(load_config(None, overrides), config)
+    env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    log = (tmp_path / f"{name}.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "reczero_jax.cli", "train", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def finish(process, tmp_path, name, timeout=300):
+    assert process.wait(timeout) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    return (tmp_path / f"{name}.log").read_text()
+
+
+def wait_for(condition, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the awaited point"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+
+
+def without_timings(row):
+    return {key: value for key, value in row.items() if key not in TIMINGS}
+
+
+def final_state(run_dir, step):
+    """Parameters and optimizer state (host arrays) and the restored step of ``run_dir``."""
+    model, config, _ = restore_model(run_dir, step)
+    trainer = Trainer(model, single_device_mesh(), OptimConfig(**config["optim"]))
+    restored = Checkpointer(run_dir / "checkpoints").restore(
+        step, abstract_params=trainer.params, param_sharding=trainer.param_sharding,
+        abstract_opt_state=trainer.opt_state, opt_sharding=trainer.opt_sharding)
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves((restored.params, restored.opt_state))]
+    return leaves, restored
+
+
+@pytest.mark.slow
+def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_dir,
+                                                          small_ml100k):
+    def overrides(run_dir):
+        return tiny_run(run_dir, tiny_model_dir, small_ml100k, "algorithm=reczero",
+                        "train.steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=3",
+                        "train.eval_every=2",
+                        # The random tiny model never answers in format, so every reward is -1
+                        # and every advantage 0: an entropy bonus gives gradients that depend
+                        # on each step's batch and samples.
+                        "grpo.entropy_coef=0.01")
+
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight = start_train(tmp_path, "straight", overrides(straight_dir))
+    finish(straight, tmp_path, "straight")
+
+    killed = start_train(tmp_path, "killed", overrides(killed_dir))
+    wait_for(lambda: (killed_dir / "checkpoints" / "3").exists(), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(60)
+    assert not (killed_dir / "checkpoints" / "6").exists()
+    output = finish(start_train(tmp_path, "resumed", overrides(killed_dir)), tmp_path, "resumed")
+    assert "from checkpoint step 3 (grpo step 3 of 6)" in output
+    assert "[reczero] zero-shot:" not in output  # not evaluated again
+
+    straight_leaves, straight_end = final_state(straight_dir, 6)
+    resumed_leaves, resumed_end = final_state(killed_dir, 6)
+    assert len(straight_leaves) == len(resumed_leaves) > 0
+    for a, b in zip(straight_leaves, resumed_leaves, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert resumed_end.data_state == straight_end.data_state  # the iterator's position
+    # The same log, row for row: batches (prompt tokens), rewards, losses, validation.
+    straight_rows, resumed_rows = rows(straight_dir), rows(killed_dir)
+    assert [(r["phase"], r["step"]) for r in resumed_rows] == [
+        ("eval zero-shot", 0), ("grpo", 1), ("grpo", 2), ("val", 2), ("grpo", 3), ("grpo", 4),
+        ("val", 4), ("grpo", 5), ("grpo", 6), ("val", 6), ("eval after GRPO", 6)]
+    assert list(map(without_timings, resumed_rows)) == list(map(without_timings, straight_rows))
+    grpo_rows = [r for r in resumed_rows if r["phase"] == "grpo"]
+    assert all(r["grad_norm"] > 0 for r in grpo_rows)
+    assert len({r["loss"] for r in grpo_rows}) > 1 and len({r["prompt_tokens"] for r in grpo_rows}) > 1
+    assert (killed_dir / "eval.json").read_text().count("after GRPO") == 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, tiny_model_dir, small_ml100k):
+    run_dir = tmp_path / "run"
+    process = start_train(tmp_path, "run", tiny_run(
+        run_dir, tiny_model_dir, small_ml100k, "algorithm=reczero", "train.steps=200",
+        "train.checkpoint_every=1000"))
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists()
+             and '"grpo"' in (run_dir / "metrics.jsonl").read_text(), process)
+    process.send_signal(signal.SIGTERM)
+    output = finish(process, tmp_path, "run", timeout=120)
+
+    last = max(r["step"] for r in rows(run_dir) if r["phase"] == "grpo")
+    assert 1 <= last < 200
+    assert Checkpointer(run_dir / "checkpoints").all_steps() == [last]
+    assert f"SIGTERM: stopped after step {last}" in output
+    assert not (run_dir / "export").exists()
+
+
+@pytest.mark.slow
+def test_recone_resumed_in_grpo_skips_sft_and_continues_on_another_mesh(
+        tmp_path, tiny_model_dir, small_ml100k, capsys):
+    run_dir = tmp_path / "recone"
+    common = tiny_run(run_dir, tiny_model_dir, small_ml100k, "algorithm=recone",
+                      "sft.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=1")
+    first = run(load_config(None, [*common, "train.steps=2"]))
+    # A finished run given more GRPO steps goes on from its last checkpoint (step 4), here with
+    # the parameters split over two devices (tensor parallel).
+    second = run(load_config(None, [*common, "train.steps=3", "mesh.tensor=2"]))
+    assert "from checkpoint step 4 (grpo step 2 of 3)" in capsys.readouterr().out
+
+    assert second["zero-shot"] == first["zero-shot"] and second["after SFT"] == first["after SFT"]
+    assert [(r["phase"], r["step"]) for r in rows(run_dir)] == [
+        ("eval zero-shot", 0), ("sft", 1), ("sft", 2), ("eval after SFT", 2), ("grpo", 3),
+        ("grpo", 4), ("grpo", 5), ("eval after SFT + GRPO", 5)]
+    restored = Checkpointer(run_dir / "checkpoints").restore()
+    assert restored.step == 5 and restored.progress["phase"] == "grpo"
+    assert [json.loads(line)["model"] for line in (run_dir / "eval_samples.jsonl").open()] == [
+        "zero-shot"] * 2 + ["after SFT"] * 2 + ["after SFT + GRPO"] * 2
+
+
+def write_lines(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("step, evals, kept", [
+    (4, ["zero-shot", "after SFT"], 7),  # mid-GRPO: its validation at step 4 stays
+    (2, ["zero-shot"], 3),  # end of SFT: the evaluation after it is redone on resume
+])
+def test_rewind_keeps_what_was_written_before_the_checkpoint(tmp_path, step, evals, kept):
+    metrics = [{"phase": phase, "step": s} for phase, s in [
+        ("eval zero-shot", 0), ("sft", 1), ("sft", 2), ("eval after SFT", 2), ("grpo", 3),
+        ("grpo", 4), ("val", 4), ("grpo", 5), ("eval after SFT + GRPO", 5)]]
+    samples = [{"model": name, "user_id": n} for name in
+               ("zero-shot", "after SFT", "after SFT + GRPO") for n in range(2)]
+    write_lines(tmp_path / "metrics.jsonl", metrics)
+    write_lines(tmp_path / "eval_samples.jsonl", samples)
+    restored = Restored(step=step, params=None, opt_state=None, rng_keys={}, data_state=None,
+                        config={}, metrics={},
+                        progress={"phase": "grpo", "phase_step": 2, "evals": dict.fromkeys(evals)})
+    rewind_logs(tmp_path, restored)
+    assert rows(tmp_path) == metrics[:kept]
+    assert [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").open()] == [
+        row for row in samples if row["model"] in evals]
+
+
+def test_train_takes_a_restart_flag():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", "run.yaml", "seed=1", "--restart"])
+    assert args.restart and args.overrides == ["seed=1"]
+    assert not parser.parse_args(["train", "run.yaml"]).restart
