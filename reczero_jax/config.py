@@ -67,6 +67,7 @@ class TrainSection:
     eval_batch_size: int = 8
     reward: str = "rating"
     checkpoint_every: int = 50
+    checkpoint_dir: str = ""  # "": RUN_DIR/checkpoints; a gs:// URL keeps them off the hosts
     keep_checkpoints: int = 2
 
 

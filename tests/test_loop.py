@@ -19,7 +19,9 @@ tiny_model_dir = fixtures_run.tiny_model_dir
 @pytest.mark.parametrize("algorithm", ["recone", "reczero", "sft"])
 def test_program_writes_its_run_directory(algorithm, tiny_model_dir, small_ml100k, tmp_path):
     run_dir = tmp_path / algorithm
-    config = load_config(None, [
+    # One program keeps its checkpoints outside the run directory (as in a gs:// bucket).
+    checkpoint_dir = tmp_path / "elsewhere" if algorithm == "sft" else run_dir / "checkpoints"
+    config = load_config(None, [f"train.checkpoint_dir={checkpoint_dir}",
         f"algorithm={algorithm}", f"run_dir={run_dir}", f"model.path={tiny_model_dir}",
         f"data.dir={small_ml100k}", "data.max_prompt_tokens=512", "data.eval_samples=2",
         "sft.steps=1", "sft.batch_size=2", "sft.max_response_tokens=32", "grpo.group_size=2",
@@ -40,9 +42,14 @@ def test_program_writes_its_run_directory(algorithm, tiny_model_dir, small_ml100
     assert (run_dir / "eval.md").read_text().startswith("| name |")
     assert len((run_dir / "eval_samples.jsonl").read_text().splitlines()) == 2 * len(results)
     assert load_config(run_dir / "config.yaml") == config
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    plotted = {p.name for p in (run_dir / "plots").glob("*.png")}
+    assert plotted == {"eval.png"} | {f"{phase}.png" for phase in ("sft", "grpo")
+                                       if phase in phases}
     # Each phase's last step is checkpointed (steps numbered across phases).
     last = plan_phases(config)[-1]
-    restored = Checkpointer(run_dir / "checkpoints").restore()
+    assert (run_dir / "checkpoints").exists() == (algorithm != "sft")
+    restored = Checkpointer(checkpoint_dir).restore()
     assert restored.step == last.offset + last.steps == (2 if algorithm == "recone" else 1)
     assert restored.progress["phase"] == last.name
     reloaded = from_pretrained(run_dir / "export")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
+from reczero_jax.config import ExperimentConfig, load_config
 from reczero_jax.mesh import param_shardings, single_device_mesh
 from reczero_jax.models import Decoder, save_pretrained
 from reczero_jax.models.hf import read_config
@@ -26,7 +27,12 @@ from reczero_jax.train.checkpoint import Checkpointer
 # Config dtype names (model.dtype, model.param_dtype, --dtype) -> jax dtypes.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints holds the run's Orbax steps
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints holds the run's Orbax steps by default
+
+
+def checkpoint_directory(config: ExperimentConfig) -> epath.Path:
+    """``train.checkpoint_dir`` (a local path or a ``gs://`` URL), by default RUN_DIR/checkpoints."""
+    return epath.Path(config.train.checkpoint_dir or Path(config.run_dir) / CHECKPOINTS)
 
 
 def export_model(model: Decoder, out_dir, *, tokenizer=None, dtype=None) -> list[Path]:
@@ -47,7 +53,10 @@ def export_model(model: Decoder, out_dir, *, tokenizer=None, dtype=None) -> list
 def restore_model(run_dir, step: int | None = None) -> tuple[Decoder, dict[str, Any], int]:
     """The policy of ``step`` (default: the latest complete one) of the run in ``run_dir``,
     on one device, with the saved config (a dict) and the step restored."""
-    directory = epath.Path(run_dir) / CHECKPOINTS
+    # The run's own train.checkpoint_dir when it set one; its run_dir may have moved since.
+    saved_config = Path(run_dir) / "config.yaml"
+    elsewhere = load_config(saved_config).train.checkpoint_dir if saved_config.exists() else ""
+    directory = epath.Path(elsewhere or epath.Path(run_dir) / CHECKPOINTS)
     ckpt = Checkpointer(directory) if directory.exists() else None
     if ckpt is None or not ckpt.all_steps():
         raise FileNotFoundError(f"no checkpoint in {directory}: is {run_dir} a run directory "

@@ -46,42 +46,18 @@ from reczero_jax.data.pipeline import default_pad_id, make_pipeline
 from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
 from reczero_jax.mesh import make_mesh
 from reczero_jax.models import from_pretrained
+from reczero_jax.observe import METRICS_FILE, RunLogger, plot_run, scalar_metrics
 from reczero_jax.rewards import TokenRewardFn
 from reczero_jax.train.checkpoint import Checkpointer, PreemptionGuard, Restored, check_compatible
-from reczero_jax.train.export import CHECKPOINTS, DTYPES, export_model
+from reczero_jax.train.export import DTYPES, checkpoint_directory, export_model
 from reczero_jax.train.step import OptimConfig, Trainer, rollout
 
-METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "eval_samples.jsonl"
 # What a run writes besides checkpoints: a fresh start removes what an earlier run left
 # (tensorboard/ and plots/ are observe.RunLogger's); --restart removes checkpoints too.
 LOG_OUTPUTS = (METRICS_FILE, SAMPLES_FILE, "eval.json", "eval.md", "export", "tensorboard",
                "plots")
 VAL_SPLIT = "validation"  # validation every train.eval_every steps; the report uses eval_split
-
-
-class MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (nothing when not ``enabled``,
-    e.g. on every process but the first)."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, phase: str, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        row = {"phase": phase, "step": step, "time": time.time()}
-        row.update(scalars(metrics))
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar entries as floats; nested breakdowns (e.g. by history length) are left to
-    eval.json."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, int | float | np.number) or getattr(v, "ndim", None) == 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +83,24 @@ def plan_phases(config: ExperimentConfig) -> list[Phase]:
 
 def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[str, Any]]:
     """Run (or resume) the program of ``config``; returns the evaluations so far by name."""
-    run_dir = Path(config.run_dir)
+    if jax.process_count() > 1:
+        # The update step, checkpoints and exports are multi-host ready (tests/test_multiprocess.py);
+        # the sampler and evaluation still take the whole batch as host arrays.
+        raise NotImplementedError(
+            f"{jax.process_count()} processes: the training program runs on one host for now "
+            "(slices up to v5p-8 / v6e-8 / v5litepod-8); rollout and evaluation do not yet "
+            "assemble global batches from per-host shares")
+    run_dir = local_run_dir(config.run_dir)
+    checkpoint_dir = checkpoint_directory(config)
     primary = jax.process_index() == 0
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
         if restart:
-            remove_outputs(run_dir, (CHECKPOINTS, *LOG_OUTPUTS))
+            remove_outputs(run_dir, LOG_OUTPUTS)
+            if checkpoint_dir.exists():
+                checkpoint_dir.rmtree()
     _sync("run directory prepared")
-    checkpoints = Checkpointer(run_dir / CHECKPOINTS, save_every=config.train.checkpoint_every,
+    checkpoints = Checkpointer(checkpoint_dir, save_every=config.train.checkpoint_every,
                                keep_last=config.train.keep_checkpoints,
                                keep_best=1 if config.train.eval_every else 0)
     resume = find_resume(checkpoints, config)
@@ -122,7 +108,8 @@ def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[st
         if resume is None:
             remove_outputs(run_dir, LOG_OUTPUTS)
         save_config(config, run_dir / "config.yaml")
-    session = Session(config, checkpoints, MetricsLog(run_dir / METRICS_FILE, enabled=primary))
+    log = RunLogger(run_dir, enabled=primary)
+    session = Session(config, checkpoints, log)
     print(f"[reczero] {config.algorithm}: {len(session.train_records)} train samples, "
           f"{len(session.eval_records)} {config.data.eval_split} samples, "
           f"mesh {dict(session.mesh.shape)}")
@@ -133,7 +120,7 @@ def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[st
     phases = plan_phases(config)
     # The phase of the checkpoint resumes; the ones before it are done.
     first = [phase.name for phase in phases].index(resume.progress["phase"]) if resume else 0
-    with PreemptionGuard() as guard:
+    with PreemptionGuard() as guard, log:
         for index, phase in enumerate(phases):
             if index < first:
                 continue
@@ -149,10 +136,21 @@ def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[st
     if primary:
         (run_dir / "eval.json").write_text(json.dumps(session.results, indent=2))
         (run_dir / "eval.md").write_text(markdown_table(session.results, REPORT_COLUMNS) + "\n")
+        plots = plot_run(run_dir)
+        print(f"[reczero] plots: {', '.join(str(p) for p in plots)}")
     export_model(model, run_dir / "export", tokenizer=session.tokenizer)
     checkpoints.close()
-    print(f"[reczero] run directory {run_dir}: eval.md, metrics.jsonl, export/, checkpoints/")
+    print(f"[reczero] run directory {run_dir}: eval.md, metrics.jsonl, tensorboard/, plots/, "
+          f"export/; checkpoints in {checkpoints.directory}")
     return session.results
+
+
+def local_run_dir(run_dir: str) -> Path:
+    """The run directory: logs, plots and the export, written by process 0 on its own disk."""
+    if "://" in run_dir:
+        raise ValueError(f"run_dir must be a local directory, got {run_dir!r}: put the "
+                         "checkpoints in a bucket with train.checkpoint_dir=gs://BUCKET/PATH")
+    return Path(run_dir)
 
 
 def find_resume(checkpoints: Checkpointer, config: ExperimentConfig) -> Restored | None:
@@ -214,7 +212,7 @@ def _take(records: Sequence[dict], limit: int) -> list[dict]:
 class Session:
     """What the phases of one run share: config, mesh, tokenizer, data, logs, checkpoints."""
 
-    def __init__(self, config: ExperimentConfig, checkpoints: Checkpointer, log: MetricsLog):
+    def __init__(self, config: ExperimentConfig, checkpoints: Checkpointer, log: RunLogger):
         self.config = config
         self.checkpoints = checkpoints
         self.log = log
@@ -285,7 +283,7 @@ class Session:
             self.checkpoints.save(
                 step, params=trainer.params, opt_state=trainer.opt_state, rng_keys=rng_keys,
                 data_state=data_state, config=dataclasses.asdict(self.config),
-                metrics=scalars(metrics),
+                metrics=scalar_metrics(metrics),
                 progress={"phase": phase.name, "phase_step": phase_step, "evals": self.results},
                 force=stop or phase_step == phase.steps)
             progress.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "reward_mean",

@@ -33,7 +33,11 @@ from reczero_jax.sampling import generate
 
 @dataclasses.dataclass
 class OptimConfig:
-    """AdamW with global-norm clipping; constant learning rate (the paper's: no warm-up)."""
+    """AdamW with global-norm clipping; constant learning rate (the paper's: no warm-up).
+
+    ``memory_budget_gib``: per-device memory the compiled GRPO update may need
+    (``Trainer.check_memory``); 0 turns the check off.
+    """
 
     learning_rate: float = 2e-6
     b1: float = 0.9
@@ -41,6 +45,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     micro_batches: int = 1
+    memory_budget_gib: float = 0.0
 
 
 @dataclasses.dataclass
@@ -76,6 +81,16 @@ class Rollout(NamedTuple):
     format_ok: jax.Array
     ratings: jax.Array
     lengths: jax.Array
+
+
+GIB = 2**30
+
+
+def peak_bytes(report: dict[str, float]) -> float:
+    """Per-device peak estimate of a compiled step from its memory analysis:
+    arguments + outputs - aliased (donated inputs reused as outputs) + temporaries."""
+    return (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
+            - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
@@ -202,7 +217,30 @@ class Trainer:
         analysis = compiled.memory_analysis()
         fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
                   "alias_size_in_bytes", "generated_code_size_in_bytes")
-        return {name: float(getattr(analysis, name, 0) or 0) for name in fields}
+        report = {name: float(getattr(analysis, name, 0) or 0) for name in fields}
+        report["peak_bytes"] = peak_bytes(report)
+        return report
+
+    def check_memory(self, rollout_batch: Rollout) -> dict[str, float]:
+        """``memory_report``, raising a ValueError when its per-device peak estimate exceeds
+        ``optim.memory_budget_gib`` (0: no check), so a run that would run out of memory
+        says so, with the knobs that shrink it, before it starts."""
+        self.check_batch(rollout_batch.responses.shape[0])
+        report = self.memory_report(rollout_batch)
+        budget = self.optim.memory_budget_gib
+        if budget and report["peak_bytes"] > budget * GIB:
+            gib = {name: report[name] / GIB for name in report}
+            raise ValueError(
+                f"the GRPO update needs an estimated {gib['peak_bytes']:.3f} GiB per device "
+                f"(arguments {gib['argument_size_in_bytes']:.3f} + outputs "
+                f"{gib['output_size_in_bytes']:.3f} - donated {gib['alias_size_in_bytes']:.3f} "
+                f"+ temporaries {gib['temp_size_in_bytes']:.3f}), over "
+                f"optim.memory_budget_gib={budget:g}. To shrink it: raise optim.micro_batches "
+                f"(now {self.optim.micro_batches}; activations scale with 1/micro_batches), set "
+                f"model.remat=true (now {str(self.model.remat).lower()}; keeps each "
+                f"block's input, recomputes the rest), or shard parameters and optimizer state over "
+                f"more devices with mesh.fsdp (now {self.mesh.shape['fsdp']})")
+        return report
 
     # -- compiled bodies ----------------------------------------------------------------
 
