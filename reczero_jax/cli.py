@@ -15,6 +15,7 @@ COMMAND_GROUPS = (
     "reczero_jax.train.cli:register",
     "reczero_jax.traces.cli:register",
     "reczero_jax.plan:register",
+    "reczero_jax.compare:register",
     "reczero_jax.demo:register",
 )
 

@@ -55,7 +55,7 @@ def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
             rows.append({
                 "user_id": record["user_id"], "item_id": record["item_id"],
                 "rating": int(record["rating"]), "user_avg_rating": record["user_avg_rating"],
-                "history_length": len(record["user_history"]),
+                "history_length": len(record.get("user_history", ())),
                 # A number outside the scale (or none) is a parse failure, scored by fallback.
                 "prediction": float(rating[i]) if 1.0 <= rating[i] <= 5.0 else None,
                 "format_ok": bool(format_ok[i]), "generated_tokens": int(lengths[i]),

@@ -65,6 +65,7 @@ target_item (the item's features, then the latest ratings and reviews other user
 target_item_avg_rating (the mean of all its earlier ratings)."""
 
 LAYOUTS = ("chat", "user", "raw")
+MESSAGES_KEY = "prompt_messages"  # a sample with ready chat messages (see encode_prompt)
 
 SUMMARY_CHARS = 200  # PAPER.md: the user's review summary is cut at 200 characters
 DESCRIPTION_CHARS = 400  # PAPER.md: item descriptions are cut at 400 characters
@@ -330,10 +331,15 @@ def encode_prompt(
     is rendered and tokenised, so a trimmed prompt costs at most about 15 tokenizer calls.
 
     Raises ValueError when even the minimal prompt (no history entries) exceeds the budget.
+
+    A sample with ``prompt_messages`` (ready chat messages, e.g. from the authors' verl parquet)
+    is not rendered from fields: see ``_encode_messages``.
     """
     _check_layout(layout, LAYOUTS)
     if max_prompt_tokens <= 0:
         raise ValueError(f"max_prompt_tokens must be positive, got {max_prompt_tokens}")
+    if MESSAGES_KEY in sample:
+        return _encode_messages(sample, tokenizer, max_prompt_tokens)
 
     def encode(max_history: int | None, max_review_chars: int) -> tuple[str, list[int]]:
         text = _prompt_text(
@@ -362,6 +368,24 @@ def encode_prompt(
     cap = _largest_fitting(0, _longest_review(sample), lambda c: fits(keep, c))
     text, ids = encode(keep, cap)
     return EncodedPrompt(ids=ids, trimmed=True, text=text)
+
+
+def _encode_messages(sample: Mapping[str, Any], tokenizer, max_prompt_tokens: int) -> EncodedPrompt:
+    """A sample that carries its own chat messages (``MESSAGES_KEY``: the authors' verl parquet
+    rows, ``reczero_jax.data.verl``) is rendered as verl renders it: the tokenizer's chat
+    template over those messages with the generation prompt, whatever the layout. Its text is
+    fixed, so a prompt over budget is an error, never trimmed."""
+    text = tokenizer.apply_chat_template(
+        list(sample[MESSAGES_KEY]), add_generation_prompt=True, tokenize=False
+    )
+    ids = _tokenize(text, tokenizer)
+    if len(ids) > max_prompt_tokens:
+        raise ValueError(
+            f"the prompt of user {sample.get('user_id')!r}, item {sample.get('item_id')!r} is "
+            f"{len(ids)} tokens, over max_prompt_tokens={max_prompt_tokens}; a verbatim prompt "
+            "cannot be trimmed: raise max_prompt_tokens"
+        )
+    return EncodedPrompt(ids=ids, trimmed=False, text=text)
 
 
 def encode_prompts(

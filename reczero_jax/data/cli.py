@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from reczero_jax.data.samples import SPLIT_MODES, SPLITS, SampleConfig
-from reczero_jax.data.sources import DATASETS, ON_ERROR
+from reczero_jax.data.sources import DATASETS, ON_ERROR, VERL_DATASET
 
 PICKLE_HELP = (
     "allow reading a --dataset table stored as a pickle (.pkl). Off by default because "
@@ -33,12 +33,21 @@ def register(subparsers) -> None:
             "records rejected by reason, samples per split, prompt token lengths."
         ),
     )
-    prepare.add_argument("--dataset", required=True, choices=DATASETS)
+    prepare.add_argument(
+        "--dataset",
+        required=True,
+        choices=(*DATASETS, VERL_DATASET),
+        help=f"{VERL_DATASET}: the authors' verl parquet files (ready prompts with their "
+        "ratings; each row is one sample, its split named by the file, e.g. train.parquet, or "
+        "by extra_info.split)",
+    )
     prepare.add_argument(
         "--source",
         type=Path,
+        nargs="+",
         help="raw files: a directory (MovieLens, Amazon, Yelp), an Amazon reviews file, or a "
-        "table file (.parquet/.jsonl). movielens-100k defaults to the copy in the recbole wheel",
+        "table file (.parquet/.jsonl); for verl-parquet one or more .parquet files. "
+        "movielens-100k defaults to the copy in the recbole wheel",
     )
     prepare.add_argument("--meta", type=Path, help="Amazon metadata file, when it is not meta_<reviews file>")
     prepare.add_argument("--out", type=Path, required=True, help="output directory")
@@ -156,6 +165,24 @@ def format_report(report: dict, options: dict) -> str:
     return "\n".join(lines)
 
 
+def format_verl_report(report: dict) -> str:
+    """The counts of a verl-parquet prepare run, one fact per line."""
+    lines = [f"dataset: {report['dataset']}"]
+    lines.extend(f"  {path}: {rows} rows" for path, rows in report["files"].items())
+    lines.append(f"rows read: {report['rows_read']}  rejected: {sum(report['rejected'].values())}")
+    for reason, count in sorted(report["rejected"].items()):
+        lines.append(f"  {reason}: {count}")
+        lines.extend(f"    e.g. {example}" for example in report["examples"].get(reason, []))
+    if report["cleaned"]:
+        lines.append("kept, with a field filled in:")
+        lines.extend(f"  {what}: {count}" for what, count in sorted(report["cleaned"].items()))
+    counts = "  ".join(f"{name}: {count}" for name, count in report["samples"].items())
+    lines.append(f"samples: {counts}")
+    if report["samples"] != report["samples_available"]:
+        lines.append(f"  (capped by --max-samples; available: {report['samples_available']})")
+    return "\n".join(lines)
+
+
 def format_lengths(stats: dict[str, dict], budget: int) -> str:
     lines = [f"prompt tokens (template included, budget {budget}):"]
     for split, row in stats.items():
@@ -178,13 +205,24 @@ def run_prepare(args: argparse.Namespace) -> int:
         return 2
 
 
-def _prepare_and_report(args: argparse.Namespace) -> int:
-    from reczero_jax.data.pipeline import prompt_length_stats
-    from reczero_jax.data.tfds_builder import SourceConfig, load_metadata, load_split, prepare
+def _prepare(args: argparse.Namespace) -> tuple[Path, bool, str]:
+    """Build (or reuse) the dataset; returns (version directory, reused, report text)."""
+    from reczero_jax.data.tfds_builder import SourceConfig, load_metadata, prepare
 
+    if args.dataset == VERL_DATASET:
+        from reczero_jax.data.verl import VerlConfig, prepare_verl
+
+        if not args.source:
+            raise SystemExit(f"--dataset {VERL_DATASET} needs --source FILE.parquet [FILE ...]")
+        config = VerlConfig.of(args.source, on_error=args.on_error, seed=args.seed,
+                               max_samples=parse_max_samples(args.max_samples))
+        version_dir, reused = prepare_verl(config, args.out, overwrite=args.overwrite)
+        return version_dir, reused, format_verl_report(load_metadata(version_dir)["report"])
+    if args.source and len(args.source) > 1:
+        raise SystemExit(f"--dataset {args.dataset} reads one --source; got {len(args.source)}")
     config = SourceConfig.for_dataset(
         args.dataset,
-        source=str(args.source) if args.source else None,
+        source=str(args.source[0]) if args.source else None,
         meta=str(args.meta) if args.meta else None,
         on_error=args.on_error,
         allow_pickle=args.allow_pickle,
@@ -196,11 +234,20 @@ def _prepare_and_report(args: argparse.Namespace) -> int:
             seed=args.seed,
         ),
     )
-    start, start_cpu = time.perf_counter(), time.process_time()
     version_dir, reused = prepare(config, args.out, overwrite=args.overwrite)
+    metadata = load_metadata(version_dir)
+    return version_dir, reused, format_report(metadata["report"], metadata["options"])
+
+
+def _prepare_and_report(args: argparse.Namespace) -> int:
+    from reczero_jax.data.pipeline import prompt_length_stats
+    from reczero_jax.data.tfds_builder import load_metadata, load_split
+
+    start, start_cpu = time.perf_counter(), time.process_time()
+    version_dir, reused, report = _prepare(args)
     wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     metadata = load_metadata(version_dir)
-    print(format_report(metadata["report"], metadata["options"]))
+    print(report)
     if reused:
         print(f"reused: {version_dir} (same options as before; --overwrite rebuilds)")
     else:

@@ -189,22 +189,24 @@ def decode_record(record: dict[str, Any], dataset: str, split: str) -> dict[str,
 
 
 def prepare(
-    config: SourceConfig, out_dir: str | Path, *, overwrite: bool = False
+    config: SourceConfig, out_dir: str | Path, *, overwrite: bool = False,
+    builder_class: type[tfds.core.GeneratorBasedBuilder] | None = None,
 ) -> tuple[Path, bool]:
     """Build the dataset under ``out_dir``; returns (its version directory, whether an existing
-    build was reused).
+    build was reused). ``builder_class`` (default ``ReczeroSamples``) must take ``config``.
 
     An existing build with the same options is reused; one with other options is an error unless
     ``overwrite`` (then it is rebuilt).
     """
-    builder = ReczeroSamples(config=config, data_dir=str(out_dir), file_format="array_record")
+    builder = (builder_class or ReczeroSamples)(config=config, data_dir=str(out_dir),
+                                                file_format="array_record")
     version_dir = Path(builder.data_dir)
     reused = (version_dir / "dataset_info.json").exists() and not overwrite
     if reused:
         stored = load_metadata(version_dir).get("options")
         if stored != config.options():
             raise FileExistsError(
-                f"{version_dir} already holds {config.dataset} prepared with other options "
+                f"{version_dir} already holds {builder.name} samples prepared with other options "
                 f"({stored}); pass --overwrite (overwrite=True) to rebuild it, or another --out"
             )
     mode = (

@@ -1,0 +1,109 @@
+"""`reczero compare` passes on a tiny random Qwen2 checkpoint (built-in prompts and prepared
+verl data) and on SmolLM2-135M, fails when its tolerances are scaled to zero, and its
+re-statement of the authors' reward gives the hand-computed rewards."""
+
+import argparse
+import contextlib
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers
+
+from reczero_jax.compare import PROBES, authors_reward, register
+from reczero_jax.data.verl import VerlConfig, prepare_verl
+from reczero_jax.rewards import rating_reward
+
+# PROBES' rewards worked out by hand from PAPER.md's rule: 2 - |pred - y| / 2, or -1.
+PROBE_REWARDS = (2.0, -1.0, 1.0, 1.25, 0.0, 2.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """torch on one thread: on a shared 2-core machine, token-by-token generation with two
+    OpenMP threads waiting for each other is many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory, qwen2_tokenizer):
+    """A random 2-layer Qwen2 (q/k/v biases, untied head) written by transformers, with the
+    real Qwen2 tokenizer. Weights are spread (std 0.2) so greedy choices are clear, not the
+    near-ties of transformers' std-0.02 initialisation."""
+    config = transformers.Qwen2Config(
+        vocab_size=len(qwen2_tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=qwen2_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.2)
+    out = tmp_path_factory.mktemp("tiny_qwen2")
+    model.save_pretrained(out)
+    qwen2_tokenizer.save_pretrained(out)
+    return out
+
+
+def run_compare(*argv):
+    """(exit status, stdout) of ``reczero compare ...`` through ``register``."""
+    parser = argparse.ArgumentParser(prog="reczero")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compare", *map(str, argv)])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = args.func(args)
+    return status, out.getvalue()
+
+
+def table_row(stdout: str, name: str) -> list[str]:
+    """The cells after ``name`` in the printed table."""
+    line = next(line for line in stdout.splitlines() if line.startswith(name))
+    return line[len(name):].split()
+
+
+def test_authors_rules_and_ours_give_the_hand_computed_probe_rewards():
+    assert tuple(authors_reward(text, y) for text, y in PROBES) == PROBE_REWARDS
+    assert tuple(rating_reward(text, y).reward for text, y in PROBES) == PROBE_REWARDS
+
+
+def test_tiny_qwen2_passes_on_prepared_verl_data(tiny_qwen2_dir, tmp_path):
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    texts = ["user_history: 1. Heat, 4.0;\n\nuser_avg_rating: 4.0\n\ntarget_item: Casino",
+             "user_history: 1. Emma, 2.0;\n\nuser_avg_rating: 2.0\n\ntarget_item: Persuasion",
+             "user_history: 1. Fargo, 5.0;\n\nuser_avg_rating: 5.0\n\ntarget_item: Heat"]
+    table = pa.table({
+        "prompt": pa.array([[{"role": "user", "content": t}] for t in texts], pa.list_(message)),
+        "reward_model": [{"style": "rule", "ground_truth": y} for y in (5, 2, 4)]})
+    pq.write_table(table, tmp_path / "test.parquet")
+    prepare_verl(VerlConfig.of([tmp_path / "test.parquet"]), tmp_path / "data")
+    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", tmp_path / "data",
+                                 "--n", 3, "--max-new-tokens", 8, "--group-size", 3)
+    assert status == 0, stdout
+    assert stdout.rstrip().endswith("result: PASS")
+    assert f"inputs: 3 test samples of {tmp_path / 'data'}" in stdout
+    assert table_row(stdout, "greedy divergences not at a near-tie") == ["0", "0", "ok"]
+    assert table_row(stdout, "reward mismatches") == ["0", "0", "ok"]
+    assert float(table_row(stdout, "GRPO grad norm ours / torch")[0]) > 0  # advantages not all 0
+
+
+def test_tiny_qwen2_fails_with_zero_tolerance(tiny_qwen2_dir):
+    status, stdout = run_compare("--model", tiny_qwen2_dir, "--n", 2, "--max-new-tokens", 4,
+                                 "--group-size", 2, "--tolerance-scale", 0)
+    assert status == 1
+    # fp32 sums in another order cannot match to the last bit at every position
+    assert "result: FAIL" in stdout and "logits max |diff|" in stdout.splitlines()[-1]
+    assert table_row(stdout, "reward mismatches")[-1] == "ok"  # the exact checks still hold
+
+
+@pytest.mark.slow
+def test_smollm2_passes(smollm2_dir):
+    status, stdout = run_compare("--model", smollm2_dir, "--n", 2, "--max-new-tokens", 4,
+                                 "--group-size", 3)
+    assert status == 0, stdout
+    assert table_row(stdout, "greedy sequences identical") == ["2/2"]
