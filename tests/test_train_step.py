@@ -104,10 +104,54 @@ def test_sft_step_lowers_the_response_loss():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_memory_report_counts_at_least_the_parameters_and_moments():
-    trainer = Trainer(tiny_model(), meshlib.make_mesh(1, 1, 1), OptimConfig())
-    report = trainer.memory_report(fake_rollout())
+def memory_trainer(budget_gib=0.0, micro_batches=1, remat=False, fsdp=1):
+    mesh = meshlib.make_mesh(1, fsdp, 1)
+    model = tiny_model(mesh=mesh)
+    model.remat = remat
+    return Trainer(model, mesh, OptimConfig(micro_batches=micro_batches,
+                                            memory_budget_gib=budget_gib))
+
+
+@pytest.fixture(scope="module")
+def baseline_memory():
+    """A one-device trainer and its compiled GRPO update's memory report (compiled once)."""
+    trainer = memory_trainer()
+    return trainer, trainer.memory_report(fake_rollout())
+
+
+def test_memory_report_counts_at_least_the_parameters_and_moments(baseline_memory):
+    trainer, report = baseline_memory
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(trainer.params))
     # Arguments hold the parameters and AdamW's two moments (plus the rollout batch).
     assert report["argument_size_in_bytes"] >= 3 * param_bytes
     assert report["temp_size_in_bytes"] > 0
+    expected = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
+                - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
+    assert report["peak_bytes"] == expected
+
+
+def test_memory_check_passes_under_budget_and_raises_over_it_naming_the_knobs(
+        baseline_memory, monkeypatch):
+    trainer, report = baseline_memory
+    # The budget logic on the real report; recompiling for every budget would add nothing.
+    monkeypatch.setattr(trainer, "memory_report", lambda batch: dict(report))
+    peak_gib = report["peak_bytes"] / 2**30
+    for budget in (0.0, 1.01 * peak_gib):  # 0: no check
+        monkeypatch.setattr(trainer.optim, "memory_budget_gib", budget)
+        assert trainer.check_memory(fake_rollout()) == report
+    monkeypatch.setattr(trainer.optim, "memory_budget_gib", 0.99 * peak_gib)
+    with pytest.raises(ValueError) as error:
+        trainer.check_memory(fake_rollout())
+    message = str(error.value)
+    assert f"{peak_gib:.3f} GiB per device" in message
+    assert f"optim.memory_budget_gib={0.99 * peak_gib:g}" in message
+    for knob in ("optim.micro_batches (now 1", "model.remat=true (now false", "mesh.fsdp (now 1"):
+        assert knob in message
+
+
+@pytest.mark.slow  # three more compilations of the step
+def test_each_knob_the_memory_error_names_lowers_the_estimate(baseline_memory):
+    baseline = baseline_memory[1]["peak_bytes"]
+    for knobs in (dict(micro_batches=2), dict(remat=True), dict(fsdp=2)):
+        peak = memory_trainer(**knobs).memory_report(fake_rollout())["peak_bytes"]
+        assert peak < 0.9 * baseline, knobs

@@ -1,0 +1,22 @@
+"""Smoke test of benchmarks/train_step.py: the smallest shape, every arm, the report's rows
+(no timing asserts: this checks that the benchmark runs and reports what it measured)."""
+
+import re
+
+from benchmarks import train_step
+
+
+def test_quick_run_reports_every_arm_and_the_ratios(tmp_path):
+    out = tmp_path / "train_step.md"
+    report = train_step.main(["--quick", "--shapes", "8x4x2", "--repeats", "1",
+                              "--torch-threads", "1", "--out", str(out)])
+    assert out.read_text() == report + "\n"
+    shape = "P=8 R=4 G=2 B=1"
+    grad_norms = {}
+    for arm in train_step.ARMS:
+        row = re.search(rf"^\| {shape} \| {arm} \|(.*)\|$", report, re.MULTILINE)
+        assert row, f"no {arm} row in:\n{report}"
+        grad_norms[arm] = float(row.group(1).split("|")[-1])
+    # The three arms take the same step: their gradient norms agree.
+    assert max(grad_norms.values()) - min(grad_norms.values()) < 1e-3 * grad_norms["torch"]
+    assert re.search(rf"^\| {shape} \| [\d.]+x \| [\d.]+x \|$", report, re.MULTILINE)
