@@ -375,6 +375,12 @@ class Session:
                              eos_ids=self.eos_ids, pad_id=pad_id)
             jax.block_until_ready(scored)
             rollout_seconds = time.perf_counter() - began
+            if phase_step == start + 1 and config.optim.memory_budget_gib:
+                # Compiles the update once more, ahead of time: only when a budget asks for it.
+                report = trainer.check_memory(scored)
+                print(f"[reczero] GRPO update: {report['peak_bytes'] / 2**30:.2f} GiB per device "
+                      f"(XLA's estimate), within optim.memory_budget_gib="
+                      f"{config.optim.memory_budget_gib:g}")
             # With several updates per rollout, each one reuses it and the sampler's log-probs
             # are the old policy's (see Trainer._grpo_loss_terms).
             for _ in range(config.grpo.updates_per_rollout):

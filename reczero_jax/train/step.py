@@ -192,11 +192,16 @@ class Trainer:
                 f"the data x fsdp mesh axes ({shards} devices); make prompts per step a "
                 f"multiple of micro_batches x {shards}")
 
+    def place(self, rollout_batch: Rollout) -> Rollout:
+        """The rollout resharded to the update's input shardings (batch over data x fsdp): the
+        sampler's outputs may come out laid out otherwise, e.g. replicated prompts."""
+        return jax.device_put(rollout_batch, self._rollout_sharding())
+
     def grpo_step(self, rollout_batch: Rollout) -> dict[str, Any]:
         """One policy update on a scored rollout; returns host metrics."""
         self.check_batch(rollout_batch.responses.shape[0])
         self.params, self.opt_state, metrics = self.grpo_update(
-            self.params, self.opt_state, rollout_batch, self.ref_params)
+            self.params, self.opt_state, self.place(rollout_batch), self.ref_params)
         return jax.device_get(metrics)
 
     def sft_step(self, input_ids, attention_mask, loss_mask) -> dict[str, Any]:
@@ -208,11 +213,11 @@ class Trainer:
 
     def grpo_loss_and_grads(self, rollout_batch: Rollout):
         """The GRPO loss and its (accumulated, unclipped) gradient, without updating."""
-        return self._grpo_loss_and_grads(self.params, rollout_batch, self.ref_params)
+        return self._grpo_loss_and_grads(self.params, self.place(rollout_batch), self.ref_params)
 
     def memory_report(self, rollout_batch: Rollout) -> dict[str, float]:
         """Per-device bytes of the compiled GRPO update (XLA's memory analysis)."""
-        compiled = self.grpo_update.lower(self.params, self.opt_state, rollout_batch,
+        compiled = self.grpo_update.lower(self.params, self.opt_state, self.place(rollout_batch),
                                           self.ref_params).compile()
         analysis = compiled.memory_analysis()
         fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
