@@ -3,7 +3,7 @@
 * ``shared``: ``Trainer.grpo_step`` with ``GRPOConfig(shared_prompt=True)``: each prompt runs
   once, its G responses attend to its keys and values;
 * ``naive``: the same step with ``shared_prompt=False`` (the prompt repeated G times);
-* ``torch``: ``torch_grpo_loss`` (below, the same loss in plain torch, prompt repeated G times)
+* ``torch``: ``reczero_jax.compare.torch_grpo_loss`` (the same loss in plain torch, prompt repeated G times)
   on the transformers model loaded from the same weights, then ``backward``,
   ``clip_grad_norm_(1.0)`` and ``torch.optim.AdamW`` (betas 0.9/0.999, weight decay 0.01).
 
@@ -60,6 +60,7 @@ from benchmarks.common import (
     time_call,
 )
 from benchmarks.sampling import Shape, matmul_weights
+from reczero_jax.compare import torch_grpo_loss
 from reczero_jax.models.config import ModelConfig
 
 DEFAULT_SHAPES = ("1024x128x8", "256x64x8", "1024x64x4")
@@ -85,58 +86,6 @@ class DecoderSize:
 
 
 QUICK_SIZE = DecoderSize(layers=2, hidden=64, heads=4, kv_heads=2, mlp=128, vocab=512)
-
-
-# ----------------------------------------------------------------------------- the torch loss
-
-
-def torch_grpo_loss(model, prompt_ids, prompt_mask, responses, response_mask, advantages, *,
-                    old_logp=None, clip_eps: float = 0.2, temperature: float = 1.0,
-                    ref_model=None, kl_coef: float = 0.0):
-    """The GRPO loss in plain torch on a transformers causal LM -> (loss, clip_fraction, logp).
-
-    prompt_ids, prompt_mask: [B, P] (left padded); responses, response_mask: [B, G, R];
-    advantages: [B, G]; old_logp: [B, G, R] or None (on-policy: the current log-probs
-    detached, the paper's single update). Each prompt is repeated G times and run with its
-    response; positions count the prompt's real tokens from 0. With M the response tokens,
-
-        ratio = exp(logp - old_logp),  l = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)
-        loss  = sum_M (l + kl_coef * k3) / |M|,  k3 = exp(ref - logp) - (ref - logp) - 1
-
-    (k3 only when ``kl_coef`` is non-zero, ``ref`` the log-probs under ``ref_model``).
-    clip_fraction: the share of M where clipping zeroes the gradient.
-    """
-    import torch
-
-    batch, group, length = responses.shape
-    prompt_length = prompt_ids.shape[1]
-    ids = torch.cat([prompt_ids.repeat_interleave(group, 0),
-                     responses.reshape(batch * group, length)], dim=1)
-    mask = torch.cat([prompt_mask.repeat_interleave(group, 0),
-                      torch.ones(batch * group, length, dtype=prompt_mask.dtype)], dim=1)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    targets = responses.reshape(batch * group, length, 1).long()
-
-    def response_logp(lm):
-        logits = lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        scaled = logits[:, prompt_length - 1:-1].float() / temperature
-        return torch.log_softmax(scaled, dim=-1).gather(-1, targets)[..., 0]
-
-    logp = response_logp(model)
-    old = logp.detach() if old_logp is None else old_logp.reshape(batch * group, length)
-    adv = advantages.reshape(batch * group, 1).float()
-    ratio = torch.exp(logp - old)
-    token_loss = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    if kl_coef:
-        with torch.no_grad():
-            ref = response_logp(ref_model)
-        token_loss = token_loss + kl_coef * (torch.exp(ref - logp) - (ref - logp) - 1)
-    is_token = response_mask.reshape(batch * group, length) != 0
-    count = is_token.sum().clamp(min=1)
-    loss = torch.where(is_token, token_loss, 0.0).sum() / count
-    clipped = ((adv > 0) & (ratio > 1 + clip_eps)) | ((adv < 0) & (ratio < 1 - clip_eps))
-    clip_fraction = (clipped & is_token).sum() / count
-    return loss, clip_fraction.detach(), logp.detach().reshape(batch, group, length)
 
 
 # ----------------------------------------------------------------------------- work model

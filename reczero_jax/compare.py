@@ -211,31 +211,73 @@ def torch_group_advantages(rewards, group_size: int):
     return torch.where(constant, torch.zeros_like(advantages), advantages)
 
 
-def torch_grpo(model, prompts: Sequence[Sequence[int]], responses: np.ndarray, mask: np.ndarray,
-               advantages) -> tuple[float, float]:
-    """(loss, gradient norm) of the GRPO loss on responses [B, G, R] with mask [B, G, R]:
-    loss = sum over response tokens of -min(ratio * A, clip(ratio, 1 +- 0.2) * A) / token count,
-    ratio = exp(logp - logp.detach()). Sequences run one at a time, unpadded prompts."""
+def torch_grpo_loss(model, prompt_ids, prompt_mask, responses, response_mask, advantages, *,
+                    old_logp=None, clip_eps: float = CLIP_EPS, temperature: float = 1.0,
+                    ref_model=None, kl_coef: float = 0.0):
+    """The GRPO loss in plain torch on a transformers causal LM -> (loss, clip_fraction, logp).
+
+    prompt_ids, prompt_mask: [B, P] (left padded); responses, response_mask: [B, G, R];
+    advantages: [B, G]; old_logp: [B, G, R] or None (on-policy: the current log-probs
+    detached, the paper's single update). Each prompt is repeated G times and run with its
+    response; positions count the prompt's real tokens from 0. With M the response tokens,
+
+        ratio = exp(logp - old_logp),  l = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)
+        loss  = sum_M (l + kl_coef * k3) / |M|,  k3 = exp(ref - logp) - (ref - logp) - 1
+
+    (k3 only when ``kl_coef`` is non-zero, ``ref`` the log-probs under ``ref_model``).
+    clip_fraction: the share of M where clipping zeroes the gradient.
+    """
     import torch
 
+    batch, group, length = responses.shape
+    prompt_length = prompt_ids.shape[1]
+    ids = torch.cat([prompt_ids.repeat_interleave(group, 0),
+                     responses.reshape(batch * group, length)], dim=1)
+    mask = torch.cat([prompt_mask.repeat_interleave(group, 0),
+                      torch.ones(batch * group, length, dtype=prompt_mask.dtype)], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    targets = responses.reshape(batch * group, length, 1).long()
+
+    def response_logp(lm):
+        logits = lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        scaled = logits[:, prompt_length - 1:-1].float() / temperature
+        return torch.log_softmax(scaled, dim=-1).gather(-1, targets)[..., 0]
+
+    logp = response_logp(model)
+    old = logp.detach() if old_logp is None else old_logp.reshape(batch * group, length)
+    adv = advantages.reshape(batch * group, 1).float()
+    ratio = torch.exp(logp - old)
+    token_loss = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if kl_coef:
+        with torch.no_grad():
+            ref = response_logp(ref_model)
+        token_loss = token_loss + kl_coef * (torch.exp(ref - logp) - (ref - logp) - 1)
+    is_token = response_mask.reshape(batch * group, length) != 0
+    count = is_token.sum().clamp(min=1)
+    loss = torch.where(is_token, token_loss, 0.0).sum() / count
+    clipped = ((adv > 0) & (ratio > 1 + clip_eps)) | ((adv < 0) & (ratio < 1 - clip_eps))
+    clip_fraction = (clipped & is_token).sum() / count
+    return loss, clip_fraction.detach(), logp.detach().reshape(batch, group, length)
+
+
+def torch_grpo(model, prompts: Sequence[Sequence[int]], responses: np.ndarray, mask: np.ndarray,
+               advantages) -> tuple[float, float]:
+    """(loss, gradient norm) of ``torch_grpo_loss`` on-policy (ratio = exp(logp - logp.detach()))
+    for token-id prompts (left-padded here) and responses, mask [B, G, R], advantages [B, G]."""
+    import torch
+
+    length = max(len(prompt) for prompt in prompts)
+    prompt_ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    prompt_mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        prompt_ids[row, length - len(prompt):] = torch.tensor(list(prompt))
+        prompt_mask[row, length - len(prompt):] = 1
     model.zero_grad(set_to_none=True)
-    token_count = float(mask.sum())
-    loss = 0.0
-    for b, prompt in enumerate(prompts):
-        for g in range(responses.shape[1]):
-            response = torch.as_tensor(responses[b, g], dtype=torch.long)
-            ids = torch.cat([torch.tensor(list(prompt)), response])[None]
-            logits = model(ids).logits[0, len(prompt) - 1:-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, response[:, None])[:, 0]
-            ratio = torch.exp(logp - logp.detach())
-            advantage = advantages[b, g]
-            surrogate = -torch.minimum(ratio * advantage,
-                                       ratio.clamp(1 - CLIP_EPS, 1 + CLIP_EPS) * advantage)
-            part = (surrogate * torch.as_tensor(mask[b, g])).sum() / token_count
-            part.backward()
-            loss += part.item()
+    loss, _, _ = torch_grpo_loss(model, prompt_ids, prompt_mask, torch.as_tensor(responses),
+                                 torch.as_tensor(mask), torch.as_tensor(advantages))
+    loss.backward()
     squares = sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None)
-    return loss, float(squares ** 0.5)
+    return float(loss), float(squares ** 0.5)
 
 
 # ----------------------------------------------------------------------------- comparisons

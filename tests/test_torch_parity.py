@@ -1,5 +1,5 @@
 """The GRPO loss and gradients of our trainer against the same loss in plain torch on the
-transformers model (``benchmarks.train_step.torch_grpo_loss``): tiny random Qwen2, fp32,
+transformers model (``reczero_jax.compare.torch_grpo_loss``): tiny random Qwen2, fp32,
 left-padded prompts, G responses per prompt with masks of different lengths.
 
 Gradients are compared for every parameter, torch's named by the HF tensor names of
@@ -11,8 +11,8 @@ import pytest
 import torch
 from flax import nnx
 
-from benchmarks.train_step import torch_grpo_loss
 from reczero_jax import grpo
+from reczero_jax.compare import torch_grpo_loss
 from reczero_jax.mesh import single_device_mesh
 from reczero_jax.models import from_pretrained
 from reczero_jax.models.hf import PARAM_TABLE
