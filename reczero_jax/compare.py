@@ -277,7 +277,7 @@ def torch_grpo(model, prompts: Sequence[Sequence[int]], responses: np.ndarray, m
                                  torch.as_tensor(mask), torch.as_tensor(advantages))
     loss.backward()
     squares = sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None)
-    return float(loss), float(squares ** 0.5)
+    return loss.item(), float(squares ** 0.5)
 
 
 # ----------------------------------------------------------------------------- comparisons
