@@ -13,8 +13,13 @@ before any JAX computation:
 Each process then loads only its block of every global batch (``process_batch_share`` tells
 which, for ``data.pipeline.make_pipeline``'s ``process_index``/``process_count``) and
 ``global_batch`` assembles the blocks into global ``jax.Array`` s sharded over the batch axes.
-Only the primary process (``is_primary``) writes logs, metrics, plots and exports; every
-process takes part in checkpoint saves (Orbax writes each host's own shards).
+``to_host`` brings global arrays back whole to every process (host metrics, evaluation rows)
+and ``any_process`` lets one process's stop request stop all. Only the primary process
+(``is_primary``) writes logs, metrics, plots and exports; every process takes part in checkpoint
+saves (Orbax writes each host's own shards).
+
+Every function here that takes a mesh also takes ``None`` (a model on one device, one process):
+the batch stays in host arrays.
 """
 
 from __future__ import annotations
@@ -109,13 +114,16 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def process_batch_share(mesh: Mesh) -> tuple[int, int]:
+def process_batch_share(mesh: Mesh | None) -> tuple[int, int]:
     """(index, count): this process feeds block ``index`` of ``count`` equal, contiguous blocks
     of every global batch, the batch axis being sharded by ``LOGICAL_AXIS_RULES["batch"]``.
 
     Usually (jax.process_index(), jax.process_count()); processes whose devices hold the same
     batch rows (a tensor axis across hosts) share an index and must load the same rows.
     """
+    if mesh is None:
+        _require_one_process()
+        return 0, 1
     shards = mesh_axis_size(mesh, LOGICAL_AXIS_RULES["batch"])
     sharding = NamedSharding(mesh, logical_to_spec(("batch",)))
     mine = sorted({index[0].start or 0 for device, index in
@@ -128,13 +136,28 @@ def process_batch_share(mesh: Mesh) -> tuple[int, int]:
     return mine[0] // len(mine), shards // len(mine)
 
 
-def global_batch(local, mesh: Mesh):
+def process_rows(global_size: int, mesh: Mesh | None) -> slice:
+    """This process's block of the rows 0..global_size-1 of a batch every process holds whole
+    (e.g. one drawn from a shared seed): feed ``batch[process_rows(len(batch), mesh)]`` to
+    ``global_batch``."""
+    index, count = process_batch_share(mesh)
+    if global_size % count:
+        raise ValueError(f"a batch of {global_size} rows does not split into {count} equal "
+                         "process blocks: make the batch size a multiple of the process count")
+    local = global_size // count
+    return slice(index * local, (index + 1) * local)
+
+
+def global_batch(local, mesh: Mesh | None):
     """Process-local numpy batches (a pytree of [b, ...] arrays, this process's rows) -> global
     ``jax.Array`` s of [b * count, ...] with the leading axis over the batch mesh axes.
 
     Every process calls it with its own block (``process_batch_share``); together the blocks
-    make the global batch, in process order.
+    make the global batch, in process order. Without a mesh the batch stays as it is.
     """
+    if mesh is None:
+        _require_one_process()
+        return local
     _, count = process_batch_share(mesh)
 
     def assemble(rows):
@@ -144,3 +167,34 @@ def global_batch(local, mesh: Mesh):
             NamedSharding(mesh, spec), rows, (rows.shape[0] * count, *rows.shape[1:]))
 
     return jax.tree.map(assemble, local)
+
+
+def to_host(tree):
+    """A pytree of global ``jax.Array`` s (or numpy arrays) -> numpy arrays holding the whole
+    global value, in every process. A collective when an array spans several processes: every
+    process must call it, with arrays of the same global shapes."""
+    def fetch(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+
+    return jax.tree.map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set in any process (a collective with several processes), so that a
+    decision taken in one process (e.g. stop on SIGTERM) is taken by all: a process that left
+    the loop alone would leave the others waiting in their next collective."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _require_one_process() -> None:
+    if jax.process_count() > 1:
+        raise ValueError(f"{jax.process_count()} processes need a mesh over all their devices to "
+                         "share a batch: build the model with mesh=make_mesh(...)")

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from reczero_jax import distributed
 from reczero_jax.data.pipeline import default_pad_id, make_pipeline
 from reczero_jax.models.decoder import Decoder
 from reczero_jax.rewards import TokenRewardFn, rating_metrics
@@ -31,27 +32,40 @@ REPORT_COLUMNS = ("mae", "rmse", "parse_rate", "format_rate", "exact_accuracy",
 def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
              reward_fn: TokenRewardFn, max_prompt_tokens: int, max_new_tokens: int,
              batch_size: int = 8, layout: str = "chat", desc: str = "eval") -> dict[str, Any]:
-    """Greedy-decode every record and score it. Returns metrics and per-sample rows."""
+    """Greedy-decode every record and score it. Returns metrics and per-sample rows.
+
+    With several processes (a model on a mesh over all their devices) each process encodes
+    and feeds its block of every batch; the decoded answers come back whole to every process,
+    so each returns every row and the same metrics. Every process sees the same batches
+    (the last one padded to ``batch_size``), so all take part in the same collectives.
+    """
+    index, count = distributed.process_batch_share(model.mesh)
     batches = make_pipeline(records, tokenizer, global_batch_size=batch_size,
                             max_prompt_tokens=max_prompt_tokens, shuffle=False,
-                            drop_remainder=False, layout=layout, process_index=0,
-                            process_count=1)
+                            drop_remainder=False, layout=layout, process_index=index,
+                            process_count=count)
     pad_id = default_pad_id(tokenizer)
     rows: list[dict[str, Any]] = []
     generated_tokens, batch_seconds = 0, []
-    progress = tqdm(total=len(records), desc=desc, unit="sample", leave=False)
-    for batch in batches:
+    progress = tqdm(total=len(records), desc=desc, unit="sample", leave=False,
+                    disable=not distributed.is_primary())
+    for local in batches:
         start = time.perf_counter()
+        batch = distributed.global_batch(
+            {"prompt_ids": local["prompt_ids"], "prompt_mask": local["prompt_mask"],
+             "rating": local["rating"].astype(np.float32),
+             "record_index": local["record_index"].astype(np.int32),
+             "valid": local["valid"]}, model.mesh)
         out = generate(model, batch["prompt_ids"], batch["prompt_mask"], num_samples=1,
                        max_new_tokens=max_new_tokens, temperature=0.0, pad_id=pad_id,
                        rng=jax.random.key(0))
         tokens, lengths = out.tokens[:, 0], out.lengths[:, 0]
-        _, format_ok, rating = jax.device_get(
-            reward_fn(tokens, lengths, batch["rating"].astype(np.float32)))
-        tokens, lengths = jax.device_get((tokens, lengths))
+        _, format_ok, rating = reward_fn(tokens, lengths, batch["rating"])
+        format_ok, rating, tokens, lengths, valid, record_index = distributed.to_host(
+            (format_ok, rating, tokens, lengths, batch["valid"], batch["record_index"]))
         batch_seconds.append(time.perf_counter() - start)
-        for i in np.flatnonzero(batch["valid"]):
-            record = records[int(batch["record_index"][i])]
+        for i in np.flatnonzero(valid):
+            record = records[int(record_index[i])]
             rows.append({
                 "user_id": record["user_id"], "item_id": record["item_id"],
                 "rating": int(record["rating"]), "user_avg_rating": record["user_avg_rating"],
@@ -62,7 +76,7 @@ def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
                 "response": tokenizer.decode(tokens[i, : lengths[i]]),
             })
             generated_tokens += int(lengths[i])
-        progress.update(int(batch["valid"].sum()))
+        progress.update(int(valid.sum()))
     progress.close()
     metrics = score_rows(rows)
     seconds = sum(batch_seconds)

@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
@@ -59,15 +58,6 @@ def bucket_length(length: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
         if length <= bucket:
             return bucket
     return -(-length // buckets[-1]) * buckets[-1]
-
-
-def left_pad_to(ids: np.ndarray, mask: np.ndarray, length: int, pad_id: int):
-    """Left-pad [B, P] ids and mask to [B, length]."""
-    extra = length - ids.shape[1]
-    if extra < 0:
-        raise ValueError(f"prompt length {ids.shape[1]} exceeds the target length {length}")
-    return (np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id),
-            np.pad(mask, ((0, 0), (extra, 0)), constant_values=0))
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -193,9 +183,11 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, num_samples: int, max_n
              ) -> SampleOutput:
     """Sample ``num_samples`` responses for each left-padded prompt.
 
-    prompt_ids, prompt_mask: [B, P] (left padding; positions come from the mask). The prompt
-    length is padded up to a bucket so few shapes compile. ``eos_ids`` defaults to the model
-    config's EOS ids; pass ``()`` to always generate ``max_new_tokens`` tokens.
+    prompt_ids, prompt_mask: [B, P] (left padding; positions come from the mask): host arrays
+    of the whole batch, or global ``jax.Array`` s (several processes: ``distributed.global_batch``
+    of each one's rows). The prompt length is padded up to a bucket so few shapes compile.
+    ``eos_ids`` defaults to the model config's EOS ids; pass ``()`` to always generate
+    ``max_new_tokens`` tokens.
     ``temperature=0`` is greedy decoding. Returns a SampleOutput of [B, G, R] arrays.
     """
     if temperature < 0:
@@ -203,28 +195,41 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, num_samples: int, max_n
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     eos_ids = tuple(model.config.eos_token_ids if eos_ids is None else eos_ids)
-    prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
-    prompt_ids, prompt_mask = left_pad_to(prompt_ids, prompt_mask,
-                                          bucket_length(prompt_ids.shape[1], buckets), pad_id)
-    if not shared_prompt:
-        prompt_ids = np.repeat(prompt_ids, num_samples, axis=0)
-        prompt_mask = np.repeat(prompt_mask, num_samples, axis=0)
-    graphdef, state = nnx.split(model)
     prompt_ids, prompt_mask = _place_batch(model, prompt_ids, prompt_mask)
+    prompt_ids, prompt_mask, prompt_lengths = _prepare_prompts(
+        prompt_ids, prompt_mask, length=bucket_length(prompt_ids.shape[1], buckets),
+        pad_id=int(pad_id), copies=1 if shared_prompt else num_samples, mesh=model.mesh)
+    graphdef, state = nnx.split(model)
     prefix, last_logits = _prefill(graphdef, state, prompt_ids, prompt_mask)
-    prompt_lengths = jnp.asarray(prompt_mask.sum(axis=1).reshape(-1, 1 if shared_prompt
-                                                                 else num_samples)[:, 0])
     return _decode(graphdef, state, prefix, last_logits, prompt_lengths, rng,
                    num_samples=num_samples, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                    eos_ids=eos_ids, pad_id=int(pad_id), shared_prompt=shared_prompt)
 
 
-def _place_batch(model: Decoder, *arrays: np.ndarray):
-    """Put [B, ...] host arrays on the model's mesh, the batch over (data, fsdp)."""
+def _place_batch(model: Decoder, *arrays):
+    """Put [B, ...] host arrays (or reshard arrays) on the model's mesh, the batch over
+    (data, fsdp)."""
     if model.mesh is None:
         return tuple(jnp.asarray(a) for a in arrays)
+
     def batch_sharding(ndim):
         return NamedSharding(model.mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
     return tuple(jax.device_put(a, batch_sharding(a.ndim)) for a in arrays)
+
+
+@functools.partial(jax.jit, static_argnames=("length", "pad_id", "copies", "mesh"))
+def _prepare_prompts(prompt_ids, prompt_mask, *, length, pad_id, copies, mesh):
+    """[B, P] -> left-padded to [B * copies, length] (each row repeated ``copies`` times, for the
+    unshared path), and the prompt lengths [B]. On device, so that global arrays whose rows
+    live in other processes are padded where they are."""
+    extra = length - prompt_ids.shape[1]
+    prompt_lengths = prompt_mask.sum(axis=1)
+    prompt_ids = jnp.pad(prompt_ids, ((0, 0), (extra, 0)), constant_values=pad_id)
+    prompt_mask = jnp.pad(prompt_mask, ((0, 0), (extra, 0)))
+    if copies > 1:
+        prompt_ids, prompt_mask = (jnp.repeat(x, copies, axis=0) for x in (prompt_ids, prompt_mask))
+    rows = ("batch", None)
+    return (constrain(prompt_ids, mesh, rows), constrain(prompt_mask, mesh, rows),
+            constrain(prompt_lengths, mesh, ("batch",)))

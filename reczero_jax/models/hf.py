@@ -297,7 +297,7 @@ def write_checkpoint(out_dir: str | os.PathLike, config: ModelConfig,
 
 
 def _host_array(array: jax.Array) -> np.ndarray:
-    if not array.is_fully_addressable:  # multi-host: gather the shards of the other hosts
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:  # multi-host: gather
         from jax.experimental import multihost_utils
         array = multihost_utils.process_allgather(array, tiled=True)
     return np.asarray(jax.device_get(array))

@@ -15,6 +15,13 @@ plus the one of lowest validation MAE when validation runs), and, from process 0
 answers in ``eval_samples.jsonl``) and ``export/`` (the final policy as a Hugging Face
 directory).
 
+Several processes (the hosts of a pod slice; ``reczero train --coordinator ...``): each runs
+``run`` with the same config (``run_dir`` may differ: it is each host's own disk), loads only its
+block of every batch and contributes it to global arrays (``reczero_jax.distributed``); host
+metrics and evaluation rows are gathered to every process, which keeps their loops in step.
+Only process 0 writes into its run directory; every process writes its shards of each checkpoint,
+so ``train.checkpoint_dir`` must be a directory they share (a gs:// bucket).
+
 Resume: on a run directory that holds a checkpoint, ``run`` continues from the latest complete
 one (after checking that the config is compatible): parameters, optimizer state, RNG key,
 the grain iterator's position and the SFT sampler's position come back, so the resumed run is
@@ -38,7 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from reczero_jax import prompts, traces
+from reczero_jax import distributed, prompts, traces
 from reczero_jax.baselines import markdown_table
 from reczero_jax.config import ExperimentConfig, save_config
 from reczero_jax.data import load_split
@@ -83,13 +90,6 @@ def plan_phases(config: ExperimentConfig) -> list[Phase]:
 
 def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[str, Any]]:
     """Run (or resume) the program of ``config``; returns the evaluations so far by name."""
-    if jax.process_count() > 1:
-        # The update step, checkpoints and exports are multi-host ready (tests/test_multiprocess.py);
-        # the sampler and evaluation still take the whole batch as host arrays.
-        raise NotImplementedError(
-            f"{jax.process_count()} processes: the training program runs on one host for now "
-            "(slices up to v5p-8 / v6e-8 / v5litepod-8); rollout and evaluation do not yet "
-            "assemble global batches from per-host shares")
     run_dir = local_run_dir(config.run_dir)
     checkpoint_dir = checkpoint_directory(config)
     primary = jax.process_index() == 0
@@ -274,11 +274,12 @@ class Session:
         keys and data-iterator state to save. Returns the global step it stopped at on
         SIGTERM (after saving it), else 0."""
         progress = tqdm(range(start + 1, phase.steps + 1), initial=start, total=phase.steps,
-                        desc=phase.name.upper(), unit="step")
+                        desc=phase.name.upper(), unit="step", disable=not self.log.enabled)
         for phase_step in progress:
             step = phase.offset + phase_step
             metrics = step_fn(phase_step, step)
-            stop = guard.should_stop()
+            # A signal may reach some processes only: all stop (and save) at the same step.
+            stop = distributed.any_process(guard.should_stop())
             rng_keys, data_state = saved_state()
             self.checkpoints.save(
                 step, params=trainer.params, opt_state=trainer.opt_state, rng_keys=rng_keys,
@@ -329,10 +330,14 @@ class Session:
         longest = config.data.max_prompt_tokens + config.sft.max_response_tokens
         length, pad_id = -(-longest // 128) * 128, default_pad_id(self.tokenizer)
 
+        rows = distributed.process_rows(config.sft.batch_size, self.mesh)
+
         def step_fn(phase_step: int, step: int) -> dict[str, Any]:
+            # Every process draws the whole batch (cheap) and feeds its own block of rows.
             batch = sft_batch(examples, phase_step, config.sft.batch_size, length, pad_id,
                               config.seed)
-            metrics = trainer.sft_step(*batch)
+            metrics = trainer.sft_step(*distributed.global_batch(
+                tuple(a[rows] for a in batch), self.mesh))
             self.log.write("sft", step, metrics)
             return metrics
 
@@ -353,10 +358,12 @@ class Session:
         # The KL reference is the policy GRPO starts from: the base model, or the SFT result.
         reference = model if config.grpo.kl_coef else None
         trainer = Trainer(model, self.mesh, config.optim, config.grpo, ref_model=reference)
+        index, count = distributed.process_batch_share(self.mesh)
         batches = iter(make_pipeline(self.train_records, self.tokenizer,
                                      global_batch_size=config.train.prompts_per_step,
                                      max_prompt_tokens=config.data.max_prompt_tokens,
-                                     seed=config.seed, num_epochs=None, layout=config.data.layout))
+                                     seed=config.seed, num_epochs=None, layout=config.data.layout,
+                                     process_index=index, process_count=count))
         key = jax.random.key(config.seed)
         start = 0
         if resume:
@@ -367,10 +374,13 @@ class Session:
         pad_id = default_pad_id(self.tokenizer)
 
         def step_fn(phase_step: int, step: int) -> dict[str, Any]:
-            batch = next(batches)
+            local = next(batches)  # this process's rows of the global batch
             began = time.perf_counter()
+            batch = distributed.global_batch(
+                {"prompt_ids": local["prompt_ids"], "prompt_mask": local["prompt_mask"],
+                 "rating": local["rating"].astype(np.float32)}, self.mesh)
             scored = rollout(trainer.model, self.reward_fn, batch["prompt_ids"],
-                             batch["prompt_mask"], batch["rating"].astype(np.float32),
+                             batch["prompt_mask"], batch["rating"],
                              jax.random.fold_in(key, phase_step), config.grpo,
                              eos_ids=self.eos_ids, pad_id=pad_id)
             jax.block_until_ready(scored)
@@ -386,7 +396,6 @@ class Session:
             for _ in range(config.grpo.updates_per_rollout):
                 metrics = trainer.grpo_step(scored)
             metrics.update(rollout_metrics(scored, batch["rating"]),
-                           prompt_tokens=float(batch["prompt_mask"].sum()),
                            rollout_seconds=rollout_seconds,
                            update_seconds=time.perf_counter() - began - rollout_seconds)
             self.log.write("grpo", step, metrics)
@@ -444,10 +453,12 @@ def sft_batch(examples, index: int, batch_size: int, length: int, pad_id: int, s
 
 
 def rollout_metrics(scored, ratings) -> dict[str, float]:
-    """Sample MAE and parse rate over the rollout's answers, and its generated tokens."""
-    predicted = np.asarray(scored.ratings)
-    truth = np.broadcast_to(np.asarray(ratings, np.float32)[:, None], predicted.shape)
+    """Sample MAE and parse rate over the rollout's answers, its prompt and generated tokens.
+    ``scored`` and ``ratings`` [B] are global arrays (a collective with several processes)."""
+    predicted, ratings, prompt_mask, lengths = distributed.to_host(
+        (scored.ratings, ratings, scored.prompt_mask, scored.lengths))
+    truth = np.broadcast_to(ratings.astype(np.float32)[:, None], predicted.shape)
     parsed = np.isfinite(predicted)
     return {"sample_mae": float(np.abs(predicted - truth)[parsed].mean()) if parsed.any()
             else float("nan"), "parse_rate": float(parsed.mean()),
-            "generated_tokens": float(np.asarray(scored.lengths).sum())}
+            "prompt_tokens": float(prompt_mask.sum()), "generated_tokens": float(lengths.sum())}
