@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry
+from matplotlib.ticker import MaxNLocator
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
@@ -202,6 +203,7 @@ def _curves_figure(phase: str, rows: Sequence[dict[str, Any]]):
         ax.plot(steps, values, marker="." if len(points) < 50 else None)
         ax.set_title(name)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     figure.suptitle(phase)
     return figure
