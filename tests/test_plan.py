@@ -108,8 +108,22 @@ def test_formula_matches_compiled_memory_analysis(mesh_shape, remat, micro_batch
 # --- verdicts and knobs ------------------------------------------------------------------
 
 
-def paper_shape(slice_name: str, *overrides: str) -> plan.RunShape:
-    return plan.RunShape.from_config(load_config(PAPER.format(slice_name), list(overrides)))
+# The reproduction's lengths (PAPER.md): 6000-token prompts, 2048-token answers, one micro-batch.
+# The shipped paper configs are shortened so that they fit (test_shipped_paper_configs_fit).
+REPRODUCTION = ("data.max_prompt_tokens=6000", "grpo.max_new_tokens=2048",
+                "train.eval_max_new_tokens=2048", "optim.micro_batches=1")
+
+
+def paper_shape(slice_name: str, *overrides: str, lengths=REPRODUCTION) -> plan.RunShape:
+    config = load_config(PAPER.format(slice_name), [*lengths, *overrides])
+    return plan.RunShape.from_config(config)
+
+
+@pytest.mark.parametrize("slice_name", ["v5p-8", "v6e-8"])
+def test_shipped_paper_configs_fit(slice_name):
+    verdict = plan.verdict(QWEN_7B, paper_shape(slice_name, lengths=()),
+                           plan.parse_slice(slice_name))
+    assert verdict[0].startswith("verdict: FITS")
 
 
 def test_paper_config_shape():
