@@ -60,5 +60,6 @@ def _demo(args: argparse.Namespace) -> int:
     Path(config.run_dir, "demo.md").write_text(report)
     print("\n" + report)
     print(f"[demo] run directory: {config.run_dir} (eval.md, metrics.jsonl, eval_samples.jsonl, "
-          f"export/ = the trained model as a Hugging Face directory)")
+          f"tensorboard/, plots/*.png, checkpoints/, export/ = the trained model as a Hugging Face "
+          f"directory)")
     return 0
