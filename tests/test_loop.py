@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from reczero_jax.cli import main
 from reczero_jax.config import load_config
 from reczero_jax.models import from_pretrained
 from reczero_jax.train.checkpoint import Checkpointer
@@ -54,6 +55,12 @@ def test_program_writes_its_run_directory(algorithm, tiny_model_dir, small_ml100
     assert restored.progress["phase"] == last.name
     reloaded = from_pretrained(run_dir / "export")
     assert reloaded.config.vocab_size == config_vocab(tiny_model_dir)
+    if algorithm == "reczero":
+        # `reczero eval --run` scores the run's export on its data, next to the baselines.
+        assert main(["eval", "--run", str(run_dir), "--n", "2", "--batch-size", "2"]) == 0
+        report = json.loads((run_dir / "eval_test.json").read_text())
+        assert report["metrics"]["n"] == 2 and report["metrics"]["tokens_per_request"] <= 8
+        assert {"global_mean", "biased_mf"} <= report["baselines"].keys()
 
 
 def config_vocab(model_dir):
