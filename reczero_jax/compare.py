@@ -472,8 +472,13 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
     """Every check of the module docstring on the checkpoint ``model_dir``; ``log`` gets one
     line per stage (inputs, versions, timings)."""
     import jax
-    import torch
     import transformers
+
+    try:
+        import torch
+    except ModuleNotFoundError:
+        raise ValueError("reczero compare runs the transformers side on torch, which is not "
+                         "installed: pip install -e '.[dev]' (torch==2.13.0, CPU build)") from None
 
     from reczero_jax.data.pipeline import default_pad_id, left_pad
     from reczero_jax.models.hf import from_pretrained
