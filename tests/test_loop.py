@@ -47,6 +47,7 @@ def test_program_writes_its_run_directory(algorithm, tiny_model_dir, small_ml100
     plotted = {p.name for p in (run_dir / "plots").glob("*.png")}
     assert plotted == {"eval.png"} | {f"{phase}.png" for phase in ("sft", "grpo")
                                        if phase in phases}
+    assert "![eval](plots/eval.png)" in (run_dir / "eval.md").read_text()
     # Each phase's last step is checkpointed (steps numbered across phases).
     last = plan_phases(config)[-1]
     assert (run_dir / "checkpoints").exists() == (algorithm != "sft")

@@ -135,8 +135,10 @@ def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[st
 
     if primary:
         (run_dir / "eval.json").write_text(json.dumps(session.results, indent=2))
-        (run_dir / "eval.md").write_text(markdown_table(session.results, REPORT_COLUMNS) + "\n")
         plots = plot_run(run_dir)
+        figures = "".join(f"\n![{p.stem}]({p.relative_to(run_dir)})\n" for p in plots)
+        (run_dir / "eval.md").write_text(markdown_table(session.results, REPORT_COLUMNS) + "\n"
+                                         + figures)
         print(f"[reczero] plots: {', '.join(str(p) for p in plots)}")
     export_model(model, run_dir / "export", tokenizer=session.tokenizer)
     checkpoints.close()
