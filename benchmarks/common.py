@@ -144,6 +144,22 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def speedup_table(results, others: Sequence[str], cost: Callable[[object], float],
+                  headers: Sequence[str]) -> str:
+    """Per shape, cost(other) / cost(shared) for each arm in ``others`` ("-" when absent).
+
+    ``results`` hold ``.shape``, ``.arm``; ``cost`` is lower-is-better (seconds per step, or
+    seconds per token), so a ratio above 1 says how many times faster the shared arm is.
+    """
+    by_shape: dict[object, dict[str, object]] = {}
+    for res in results:
+        by_shape.setdefault(res.shape, {})[res.arm] = res
+    rows = [[str(shape)] + [f"{cost(arms[other]) / cost(arms['shared']):.2f}x"
+                            if other in arms else "-" for other in others]
+            for shape, arms in by_shape.items() if "shared" in arms]
+    return markdown_table(["shape", *headers], rows)
+
+
 def emit_report(report: str, out=None) -> str:
     """Print a markdown report and, if ``out`` (a Path) is given, also write it there."""
     print(report)

@@ -49,6 +49,7 @@ from benchmarks.common import (
     emit_report,
     markdown_table,
     measure_ceilings,
+    speedup_table,
     time_call,
 )
 from reczero_jax.models.config import ModelConfig
@@ -223,18 +224,9 @@ def results_table(results: list[Result], ceilings: Ceilings) -> str:
 
 
 def ratios_table(results: list[Result]) -> str:
-    by_shape: dict[Shape, dict[str, Result]] = {}
-    for res in results:
-        by_shape.setdefault(res.shape, {})[res.arm] = res
-    rows = []
-    for shape, arms in by_shape.items():
-        if "shared" not in arms:
-            continue
-        shared = arms["shared"].tokens_per_s
-        rows.append([str(shape)] + [f"{shared / arms[other].tokens_per_s:.2f}x"
-                                    if other in arms else "-"
-                                    for other in ("naive", "transformers")])
-    return markdown_table(["shape", "shared / naive", "shared / transformers"], rows)
+    # Same tokens in every arm: time ratios are inverse throughput ratios.
+    return speedup_table(results, ("naive", "transformers"), lambda res: 1 / res.tokens_per_s,
+                         ("shared / naive", "shared / transformers"))
 
 
 def main(argv: list[str] | None = None) -> str:

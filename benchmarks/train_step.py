@@ -57,6 +57,7 @@ from benchmarks.common import (
     emit_report,
     markdown_table,
     measure_matmul_flops,
+    speedup_table,
     time_call,
 )
 from benchmarks.sampling import Shape, matmul_weights
@@ -215,17 +216,8 @@ def results_table(results: list[Result], matmul_flops: float) -> str:
 
 
 def ratios_table(results: list[Result]) -> str:
-    by_shape: dict[Shape, dict[str, Result]] = {}
-    for res in results:
-        by_shape.setdefault(res.shape, {})[res.arm] = res
-    rows = []
-    for shape, arms in by_shape.items():
-        if "shared" not in arms:
-            continue
-        shared = arms["shared"].timing.median_s
-        rows.append([str(shape)] + [f"{arms[other].timing.median_s / shared:.2f}x"
-                                    if other in arms else "-" for other in ("naive", "torch")])
-    return markdown_table(["shape", "naive time / shared time", "torch time / shared time"], rows)
+    return speedup_table(results, ("naive", "torch"), lambda res: res.timing.median_s,
+                         ("naive time / shared time", "torch time / shared time"))
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -1,9 +1,6 @@
 """`reczero data prepare --dataset verl-parquet`: the authors' verl parquet layout (written here
 with pyarrow, broken rows included) -> TFDS samples whose prompts are exactly verl's."""
 
-import argparse
-import contextlib
-import io
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +8,6 @@ import pytest
 
 from reczero_jax import prompts
 from reczero_jax.data import load_split
-from reczero_jax.data.cli import register
 from reczero_jax.data.pipeline import make_pipeline
 from reczero_jax.data.sources import (
     DEFAULT_AVG_RATING,
@@ -20,6 +16,7 @@ from reczero_jax.data.sources import (
     read_verl_parquet,
 )
 from reczero_jax.data.tfds_builder import load_metadata
+from tests.test_data_cli import run_cli
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 EXTRA = pa.struct([("index", pa.int64()), ("split", pa.string()), ("user_id", pa.string()),
@@ -74,16 +71,6 @@ def verl_files(tmp_path):
     nested = pa.struct([("ground_truth", pa.string())])
     return (write(tmp_path / "train.parquet", TRAIN_ROWS, pa.int64()),
             write(tmp_path / "music_test.parquet", TEST_ROWS, nested))
-
-
-def run_cli(*argv):
-    parser = argparse.ArgumentParser(prog="reczero")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", "prepare", *map(str, argv)])
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = args.func(args)
-    return status, out.getvalue(), err.getvalue()
 
 
 def test_reader_keeps_good_rows_and_counts_every_broken_one(verl_files):

@@ -140,12 +140,7 @@ def format_report(report: dict, options: dict) -> str:
         f"  (item records read: {report['items_read']})",
         f"rejected: {sum(report['rejected'].values())}",
     ]
-    for reason, count in sorted(report["rejected"].items()):
-        lines.append(f"  {reason}: {count}")
-        lines.extend(f"    e.g. {example}" for example in report["examples"].get(reason, []))
-    if report["cleaned"]:
-        lines.append("kept, with an empty field left out:")
-        lines.extend(f"  {what}: {count}" for what, count in sorted(report["cleaned"].items()))
+    lines.extend(_rejections(report, cleaned_as="kept, with an empty field left out:"))
     dropped = report["targets_dropped"]
     lines.append(
         f"targets not kept as samples: {sum(dropped.values())} "
@@ -165,17 +160,24 @@ def format_report(report: dict, options: dict) -> str:
     return "\n".join(lines)
 
 
+def _rejections(report: dict, cleaned_as: str) -> list[str]:
+    """Rejections by reason with their examples, then the records kept after a repair."""
+    lines = []
+    for reason, count in sorted(report["rejected"].items()):
+        lines.append(f"  {reason}: {count}")
+        lines.extend(f"    e.g. {example}" for example in report["examples"].get(reason, []))
+    if report["cleaned"]:
+        lines.append(cleaned_as)
+        lines.extend(f"  {what}: {count}" for what, count in sorted(report["cleaned"].items()))
+    return lines
+
+
 def format_verl_report(report: dict) -> str:
     """The counts of a verl-parquet prepare run, one fact per line."""
     lines = [f"dataset: {report['dataset']}"]
     lines.extend(f"  {path}: {rows} rows" for path, rows in report["files"].items())
     lines.append(f"rows read: {report['rows_read']}  rejected: {sum(report['rejected'].values())}")
-    for reason, count in sorted(report["rejected"].items()):
-        lines.append(f"  {reason}: {count}")
-        lines.extend(f"    e.g. {example}" for example in report["examples"].get(reason, []))
-    if report["cleaned"]:
-        lines.append("kept, with a field filled in:")
-        lines.extend(f"  {what}: {count}" for what, count in sorted(report["cleaned"].items()))
+    lines.extend(_rejections(report, cleaned_as="kept, with a field filled in:"))
     counts = "  ".join(f"{name}: {count}" for name, count in report["samples"].items())
     lines.append(f"samples: {counts}")
     if report["samples"] != report["samples_available"]:
