@@ -142,9 +142,10 @@ def as_rollout(batch: dict[str, np.ndarray]):
 def jax_arm(model_dir: Path, shape: Shape, batch, shared: bool
             ) -> tuple[Callable[[], object], Callable[[], float]]:
     """(one update step, the gradient norm of the last step) for our trainer."""
+    from reczero_jax.config import GRPOConfig, OptimConfig
     from reczero_jax.mesh import single_device_mesh
     from reczero_jax.models import from_pretrained
-    from reczero_jax.train.step import GRPOConfig, OptimConfig, Trainer
+    from reczero_jax.train.step import Trainer
 
     config = GRPOConfig(group_size=shape.samples, max_new_tokens=shape.new_tokens,
                         shared_prompt=shared)

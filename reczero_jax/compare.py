@@ -422,9 +422,10 @@ def compare_grpo(ours, theirs, decode, prompts, truths, greedy, probes, *, group
     import optax
 
     from reczero_jax import grpo
+    from reczero_jax.config import GRPOConfig, OptimConfig
     from reczero_jax.data.pipeline import left_pad
     from reczero_jax.mesh import single_device_mesh
-    from reczero_jax.train.step import GRPOConfig, OptimConfig, Rollout, Trainer
+    from reczero_jax.train.step import Rollout, Trainer
 
     prompts, truths = prompts[:GRPO_PROMPTS], truths[:GRPO_PROMPTS]
     responses, lengths = grpo_responses(greedy[:GRPO_PROMPTS], probes, group_size, pad_id)
@@ -481,8 +482,9 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
                          "installed: pip install -e '.[dev]' (torch==2.13.0, CPU build)") from None
 
     from reczero_jax.data.pipeline import default_pad_id, left_pad
-    from reczero_jax.models.hf import from_pretrained
+    from reczero_jax.models.hf import check_model_dir, from_pretrained
 
+    check_model_dir(model_dir, "--model")
     if n < 1 or max_new_tokens < 1 or group_size < 2 or tolerance_scale < 0:
         raise ValueError("need n >= 1, max_new_tokens >= 1, group_size >= 2, tolerance_scale >= 0")
     start = time.perf_counter()

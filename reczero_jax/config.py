@@ -3,8 +3,13 @@
     config = load_config("configs/reczero_ml100k_smollm2.yaml", ["grpo.group_size=4"])
 
 OmegaConf structured configs do the merging: an unknown key or a value of the wrong type is
-an error naming it. The resolved config is saved into the run directory and reloads to the
-same run.
+an error naming it. ``load_config`` then checks every choice field against its allowed names
+(``CHOICES``) and that the batch splits over the mesh (``check_batch_split``), so a typo fails
+here, before a run directory is touched, not inside a jitted step. The resolved config is
+saved into the run directory and reloads to the same run.
+
+This module is the bottom of the package: pure Python (no jax), imported by the modules that
+dispatch on its choice names (``grpo``, ``prompts``, ``rewards``, ``models.dtypes``).
 """
 
 from __future__ import annotations
@@ -14,26 +19,72 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from reczero_jax.train.step import GRPOConfig, OptimConfig
-
+# The allowed names of every choice field; the modules that dispatch on them import these.
 ALGORITHMS = ("reczero", "recone", "sft")
+ESTIMATORS = ("grpo", "drgrpo", "rloo")  # grpo.group_advantages
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "k2", "k3")  # grpo.kl_penalty
+LAYOUTS = ("chat", "user", "raw")  # prompts.encode_prompt
+REWARDS = ("rating", "exact", "think_answer", "answer_only")  # rewards.host.VARIANTS
+# Dtype names of model.dtype / model.param_dtype (and --dtype flags) and their bytes per
+# element; ``models.dtypes.JAX_DTYPES`` maps the same names to jax dtypes.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+DTYPES = tuple(DTYPE_BYTES)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with global-norm clipping; constant learning rate (the paper's: no warm-up).
+
+    ``memory_budget_gib``: per-device memory the compiled GRPO update may need
+    (``Trainer.check_memory``); 0 turns the check off.
+    """
+
+    learning_rate: float = 2e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    micro_batches: int = 1
+    memory_budget_gib: float = 0.0
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """GRPO as trained in the paper (PAPER.md, "GRPO as trained"); every knob a value."""
+
+    group_size: int = 8
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    estimator: str = "grpo"  # ESTIMATORS
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    loss_agg: str = "token-mean"  # LOSS_AGGREGATIONS
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"  # KL_KINDS
+    entropy_coef: float = 0.0
+    updates_per_rollout: int = 1
+    shared_prompt: bool = True
 
 
 @dataclasses.dataclass
 class ModelSection:
     path: str = "artifacts/smollm2-135m-instruct"  # a Hugging Face directory
-    dtype: str = "float32"  # compute dtype: float32 or bfloat16
-    param_dtype: str = "float32"  # master weights
+    dtype: str = "float32"  # compute dtype: DTYPES
+    param_dtype: str = "float32"  # master weights: DTYPES
     remat: bool = False
 
 
 @dataclasses.dataclass
 class DataSection:
     dir: str = "artifacts/ml100k"  # prepared by `reczero data prepare`
-    layout: str = "chat"
+    layout: str = "chat"  # LAYOUTS
     max_prompt_tokens: int = 1024
     train_samples: int = 0  # 0: the whole train split
     eval_samples: int = 64  # per evaluation (0: the whole split)
@@ -65,7 +116,7 @@ class TrainSection:
     eval_every: int = 0  # 0: evaluate only before and after training
     eval_max_new_tokens: int = 512
     eval_batch_size: int = 8
-    reward: str = "rating"
+    reward: str = "rating"  # REWARDS
     checkpoint_every: int = 50
     checkpoint_dir: str = ""  # "": RUN_DIR/checkpoints; a gs:// URL keeps them off the hosts
     keep_checkpoints: int = 2
@@ -73,7 +124,7 @@ class TrainSection:
 
 @dataclasses.dataclass
 class ExperimentConfig:
-    algorithm: str = "reczero"
+    algorithm: str = "reczero"  # ALGORITHMS
     run_dir: str = "runs/reczero"
     seed: int = 0
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -84,23 +135,87 @@ class ExperimentConfig:
     sft: SFTSection = dataclasses.field(default_factory=SFTSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
 
-    def __post_init__(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+
+# Choice fields by dotted key: the allowed values of each.
+CHOICES = {
+    "algorithm": ALGORITHMS,
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "data.layout": LAYOUTS,
+    "grpo.estimator": ESTIMATORS,
+    "grpo.loss_agg": LOSS_AGGREGATIONS,
+    "grpo.kl_kind": KL_KINDS,
+    "train.reward": REWARDS,
+}
+
+
+def check_choices(config: ExperimentConfig) -> None:
+    """A ValueError naming the first choice field whose value is not one of its ``CHOICES``."""
+    for key, allowed in CHOICES.items():
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not a known value (use one of: "
+                             f"{', '.join(allowed)})")
+
+
+def check_batch_split(prompts: int, micro_batches: int, shards: int,
+                      what: str = "prompts per step") -> None:
+    """Readable errors for a batch of ``prompts`` that cannot be split into ``micro_batches``
+    micro-batches each divisible over ``shards`` devices (the data x fsdp mesh axes, which
+    shard the batch): ``prompts % micro_batches == 0`` and
+    ``(prompts / micro_batches) % shards == 0``."""
+    if prompts % micro_batches:
+        raise ValueError(f"{what} ({prompts}) is not a multiple of optim.micro_batches "
+                         f"({micro_batches})")
+    per_micro_batch = prompts // micro_batches
+    if per_micro_batch % shards:
+        raise ValueError(
+            f"each micro-batch holds {per_micro_batch} prompts, which does not divide the data x "
+            f"fsdp mesh axes ({shards} devices): {what}={prompts} must split into "
+            f"optim.micro_batches={micro_batches} micro-batches that each divide over them "
+            f"(make it a multiple of {micro_batches * shards})")
+
+
+def check_config(config: ExperimentConfig) -> None:
+    """What can be checked without a device: the choice fields and the batch splits of the
+    phases the algorithm runs (GRPO: ``train.prompts_per_step`` in ``optim.micro_batches``;
+    SFT: ``sft.batch_size`` in one) over the data x fsdp mesh axes."""
+    check_choices(config)
+    shards = config.mesh.data * config.mesh.fsdp
+    if config.algorithm in ("reczero", "recone"):
+        check_batch_split(config.train.prompts_per_step, config.optim.micro_batches, shards,
+                          "train.prompts_per_step")
+    if config.algorithm in ("recone", "sft"):
+        check_batch_split(config.sft.batch_size, 1, shards, "sft.batch_size")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Schema defaults <- YAML file <- ``key.sub=value`` overrides, validated by type."""
+    """Schema defaults <- YAML file <- ``key.sub=value`` overrides, validated by type, then by
+    ``check_config``. Every problem is a ValueError naming the file and the key."""
+    where = f" in {path}" if path else ""
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} not found (pass a YAML experiment config, "
+                                "e.g. configs/reczero_ml100k_smollm2.yaml)")
     merged = OmegaConf.structured(ExperimentConfig)
     try:
         if path is not None:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
+        config = OmegaConf.to_object(merged)
+    except yaml.YAMLError as error:
+        raise ValueError(f"invalid config{where}: not YAML ({' '.join(str(error).split())})"
+                         ) from None
     except OmegaConfBaseException as error:
-        where = f" in {path}" if path else ""
         key = f" {error.full_key}:" if getattr(error, "full_key", None) else ""
-        raise ValueError(f"invalid config{where}:{key} {str(error).splitlines()[0]}") from None
+        raise ValueError(f"invalid config{where}:{key} {str(error).splitlines()[0]} (the keys "
+                         "and their types: reczero_jax/config.py)") from None
+    try:
+        check_config(config)
+    except ValueError as error:
+        raise ValueError(f"invalid config{where}: {error}") from None
+    return config
 
 
 def to_dict(config: ExperimentConfig) -> dict[str, Any]:

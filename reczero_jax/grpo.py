@@ -26,9 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-ESTIMATORS = ("grpo", "drgrpo", "rloo")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_KINDS = ("k1", "k2", "k3")
+from reczero_jax.config import ESTIMATORS, KL_KINDS, LOSS_AGGREGATIONS
+
 STD_EPS = 1e-6
 
 
@@ -113,8 +112,8 @@ def masked_aggregate(
     ``max_response_len`` (default T) is the configured generation limit, a constant so the
     normaliser does not depend on response lengths. Split micro-batches along N, never T.
     """
-    if agg not in AGGREGATIONS:
-        raise _choice_error("loss aggregation", agg, AGGREGATIONS)
+    if agg not in LOSS_AGGREGATIONS:
+        raise _choice_error("loss aggregation", agg, LOSS_AGGREGATIONS)
     if values.shape != mask.shape or values.ndim != 2:
         raise ValueError(
             f"values and mask must both be [N, T]; got {values.shape} and {mask.shape}"

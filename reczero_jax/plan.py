@@ -57,6 +57,8 @@ import math
 import re
 from pathlib import Path
 
+from reczero_jax.config import DTYPE_BYTES, check_batch_split
+
 GIB = 2**30
 USABLE_FRACTION = 0.9
 
@@ -140,18 +142,13 @@ class RunShape:
 
     @classmethod
     def from_config(cls, config) -> RunShape:
-        sizes = {"float32": 4, "bfloat16": 2}
-        for key, dtype in (("model.dtype", config.model.dtype),
-                           ("model.param_dtype", config.model.param_dtype)):
-            if dtype not in sizes:
-                raise ValueError(f"{key}={dtype!r}: plan knows {', '.join(sizes)}")
         return cls(
             prompts_per_step=config.train.prompts_per_step, group_size=config.grpo.group_size,
             prompt_tokens=config.data.max_prompt_tokens,
             sample_prompt_tokens=_sampler_bucket(config.data.max_prompt_tokens),
             new_tokens=config.grpo.max_new_tokens, micro_batches=config.optim.micro_batches,
-            remat=config.model.remat, compute_bytes=sizes[config.model.dtype],
-            param_bytes=sizes[config.model.param_dtype],
+            remat=config.model.remat, compute_bytes=DTYPE_BYTES[config.model.dtype],
+            param_bytes=DTYPE_BYTES[config.model.param_dtype],
             reference_model=bool(config.grpo.kl_coef),
             eval_batch_size=config.train.eval_batch_size,
             eval_new_tokens=config.train.eval_max_new_tokens,
@@ -200,12 +197,8 @@ def param_shard_elements(model_config, data: int, fsdp: int, tensor: int) -> int
 def check_batch(shape: RunShape) -> None:
     """The errors the trainer would raise, before estimating anything."""
     shards = shape.data * shape.fsdp
-    micro = shape.prompts_per_step // shape.micro_batches
-    if shape.prompts_per_step % shape.micro_batches or micro % shards:
-        raise ValueError(
-            f"train.prompts_per_step={shape.prompts_per_step} must split into "
-            f"optim.micro_batches={shape.micro_batches} micro-batches that each divide over "
-            f"data x fsdp = {shards} chips")
+    check_batch_split(shape.prompts_per_step, shape.micro_batches, shards,
+                      "train.prompts_per_step")
     if shape.eval_batch_size % shards:
         raise ValueError(f"train.eval_batch_size={shape.eval_batch_size} must divide over "
                          f"data x fsdp = {shards} chips")

@@ -37,6 +37,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reczero_jax.config import LAYOUTS
+
 INSTRUCTION = """\
 You predict how a user will rate an item on a scale from 1 to 5. Think before you recommend: \
 work through the four steps below and write each one inside its own pair of tags. Open and \
@@ -64,7 +66,6 @@ the rating the user gave), user_avg_rating (the mean of all the user's earlier r
 target_item (the item's features, then the latest ratings and reviews other users gave it) and \
 target_item_avg_rating (the mean of all its earlier ratings)."""
 
-LAYOUTS = ("chat", "user", "raw")
 MESSAGES_KEY = "prompt_messages"  # a sample with ready chat messages (see encode_prompt)
 
 SUMMARY_CHARS = 200  # PAPER.md: the user's review summary is cut at 200 characters

@@ -20,9 +20,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from reczero_jax import distributed
+from reczero_jax.config import GRPOConfig, OptimConfig
 from reczero_jax.mesh import make_mesh
 from reczero_jax.train.checkpoint import Checkpointer
-from reczero_jax.train.step import GRPOConfig, OptimConfig, Rollout, Trainer
+from reczero_jax.train.step import Rollout, Trainer
 
 STEPS = 2
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}

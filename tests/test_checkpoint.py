@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from reczero_jax import mesh as meshlib
-from reczero_jax.config import load_config
+from reczero_jax.config import OptimConfig, load_config
 from reczero_jax.train.checkpoint import (
     COMPATIBILITY_KEYS,
     Checkpointer,
@@ -22,7 +22,7 @@ from reczero_jax.train.checkpoint import (
     _flatten,
     check_compatible,
 )
-from reczero_jax.train.step import OptimConfig, Trainer
+from reczero_jax.train.step import Trainer
 from tests.test_sampling import tiny_model
 
 CONFIG = {

@@ -215,5 +215,5 @@ def test_global_time_split_and_max_samples(tmp_path):
     }
     assert max(times["train"]) < min(times["validation"]) <= max(times["validation"])
     assert max(times["validation"]) < min(times["test"])
-    with pytest.raises(SystemExit, match="use SPLIT=N"):
+    with pytest.raises(ValueError, match="use SPLIT=N"):
         run_cli("--dataset", "amazon", "--out", tmp_path, "--max-samples", "dev=3")

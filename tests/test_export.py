@@ -14,12 +14,12 @@ import transformers
 from flax import nnx
 from safetensors import safe_open
 
-from reczero_jax.config import load_config
+from reczero_jax.config import OptimConfig, load_config
 from reczero_jax.mesh import single_device_mesh
 from reczero_jax.models import from_pretrained
 from reczero_jax.train.checkpoint import Checkpointer
 from reczero_jax.train.cli import register
-from reczero_jax.train.step import OptimConfig, Trainer
+from reczero_jax.train.step import Trainer
 from tests import fixtures_run
 
 # The shared fixtures, by name (pytest finds them as module attributes).

@@ -148,7 +148,7 @@ def test_seq_mean_token_sum_norm_by_hand():
     _close(terms.value, 11 / 16)
 
 
-@pytest.mark.parametrize("agg", grpo.AGGREGATIONS)
+@pytest.mark.parametrize("agg", grpo.LOSS_AGGREGATIONS)
 def test_masked_positions_cannot_leak(agg):
     poisoned = VALUES.at[0, 3].set(jnp.nan).at[2].set(jnp.inf)
     _close(
@@ -356,7 +356,7 @@ def _full_and_accumulated(w, batch, agg, splits):
     return full_loss, full_grad, total.value, grad_sum / total.denominator, naive_mean
 
 
-@pytest.mark.parametrize("agg", grpo.AGGREGATIONS)
+@pytest.mark.parametrize("agg", grpo.LOSS_AGGREGATIONS)
 @pytest.mark.parametrize("splits", [2, 4])
 def test_accumulation_invariance(agg, splits):
     w, batch = _toy_batch()

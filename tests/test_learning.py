@@ -20,10 +20,11 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from reczero_jax.config import GRPOConfig, OptimConfig
 from reczero_jax.mesh import single_device_mesh
 from reczero_jax.models import Decoder, ModelConfig
 from reczero_jax.rewards import TokenRewardFn
-from reczero_jax.train.step import GRPOConfig, OptimConfig, Trainer, rollout
+from reczero_jax.train.step import Trainer, rollout
 
 TAGS = ("<analyze user>", "</analyze user>", "<analyze item>", "</analyze item>", "<match>",
         "</match>", "<rate>", "</rate>")

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from reczero_jax import plan
-from reczero_jax.config import load_config
+from reczero_jax.config import GRPOConfig, OptimConfig, load_config
 from reczero_jax.mesh import make_mesh
 from reczero_jax.models import Decoder, ModelConfig
-from reczero_jax.train.step import GRPOConfig, OptimConfig, Rollout, Trainer
+from reczero_jax.train.step import Rollout, Trainer
 
 PAPER = "configs/paper/reczero_amazon_book_qwen2.5-7b_{}.yaml"
 QWEN_7B = ModelConfig.from_hf(plan.PRESETS["qwen2.5-7b"])

@@ -15,13 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from reczero_jax.config import load_config, save_config
+from reczero_jax.config import OptimConfig, load_config, save_config
 from reczero_jax.mesh import single_device_mesh
 from reczero_jax.train.checkpoint import Checkpointer, Restored
 from reczero_jax.train.cli import register
 from reczero_jax.train.export import restore_model
 from reczero_jax.train.loop import rewind_logs, run
-from reczero_jax.train.step import OptimConfig, Trainer
+from reczero_jax.train.step import Trainer
 from tests import fixtures_run
 
 # The shared fixtures, by name (pytest finds them as module attributes).

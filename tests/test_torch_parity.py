@@ -13,11 +13,12 @@ from flax import nnx
 
 from reczero_jax import grpo
 from reczero_jax.compare import torch_grpo_loss
+from reczero_jax.config import GRPOConfig, OptimConfig
 from reczero_jax.mesh import single_device_mesh
 from reczero_jax.models import from_pretrained
 from reczero_jax.models.hf import PARAM_TABLE
 from reczero_jax.policy import response_logprobs
-from reczero_jax.train.step import GRPOConfig, OptimConfig, Rollout, Trainer
+from reczero_jax.train.step import Rollout, Trainer
 from tests.test_hf import TINY, make_torch_model
 
 B, G, P, R = 2, 3, 10, 7

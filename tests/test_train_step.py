@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 from reczero_jax import mesh as meshlib
+from reczero_jax.config import GRPOConfig, OptimConfig
 from reczero_jax.models import Decoder
-from reczero_jax.train.step import GRPOConfig, OptimConfig, Rollout, Trainer, rollout
+from reczero_jax.train.step import Rollout, Trainer, rollout
 from tests.test_sampling import TINY, tiny_model
 
 B, G, P, R = 4, 2, 12, 6

@@ -109,7 +109,7 @@ def parse_max_samples(entries: list[str]) -> tuple[tuple[str, int], ...]:
     for entry in entries:
         split, _, count = entry.partition("=")
         if split not in SPLITS or not count.isdigit():
-            raise SystemExit(f"--max-samples {entry!r}: use SPLIT=N with SPLIT in {SPLITS}")
+            raise ValueError(f"--max-samples {entry!r}: use SPLIT=N with SPLIT in {SPLITS}")
         parsed.append((split, int(count)))
     return tuple(parsed)
 
@@ -215,13 +215,13 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, bool, str]:
         from reczero_jax.data.verl import VerlConfig, prepare_verl
 
         if not args.source:
-            raise SystemExit(f"--dataset {VERL_DATASET} needs --source FILE.parquet [FILE ...]")
+            raise ValueError(f"--dataset {VERL_DATASET} needs --source FILE.parquet [FILE ...]")
         config = VerlConfig.of(args.source, on_error=args.on_error, seed=args.seed,
                                max_samples=parse_max_samples(args.max_samples))
         version_dir, reused = prepare_verl(config, args.out, overwrite=args.overwrite)
         return version_dir, reused, format_verl_report(load_metadata(version_dir)["report"])
     if args.source and len(args.source) > 1:
-        raise SystemExit(f"--dataset {args.dataset} reads one --source; got {len(args.source)}")
+        raise ValueError(f"--dataset {args.dataset} reads one --source; got {len(args.source)}")
     config = SourceConfig.for_dataset(
         args.dataset,
         source=str(args.source[0]) if args.source else None,

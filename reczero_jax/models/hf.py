@@ -104,6 +104,28 @@ _TIED_HEAD, _EMBED = "lm_head.weight", "model.embed_tokens.weight"
 # ----------------------------------------------------------------------------- reading
 
 
+MODEL_DIR_FIX = "convert one with `reczero model convert-gguf --out DIR`, or give another path"
+
+
+def check_model_dir(path: str | os.PathLike, what: str = "model directory",
+                    fix: str = MODEL_DIR_FIX) -> Path:
+    """``path`` if it is a local Hugging Face model directory (config.json and safetensors
+    weights), else a FileNotFoundError "<what> <path> <what is missing> (<fix>)". Callers run it
+    before transformers sees the path, which would take a missing directory for a hub repo id."""
+    directory = Path(path)
+    if not directory.exists():
+        problem = "does not exist"
+    elif not directory.is_dir():
+        problem = "is not a directory"
+    elif not (directory / "config.json").is_file():
+        problem = "has no config.json (not a Hugging Face model directory)"
+    elif not ((directory / SINGLE_FILE).is_file() or (directory / INDEX_FILE).is_file()):
+        problem = f"has no weights ({SINGLE_FILE} or {INDEX_FILE})"
+    else:
+        return directory
+    raise FileNotFoundError(f"{what} {path} {problem} ({fix})")
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """ModelConfig from ``path/config.json`` (transformers 4.x or 5.x layout)."""
     config_file = Path(path) / "config.json"

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reczero_jax.prompts import LAYOUTS
+from reczero_jax.config import DTYPES, LAYOUTS
 
 TEMPLATE = "template"
 
@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--layout", choices=LAYOUTS, default="chat",
                           help="prompt layout (see reczero_jax.prompts)")
-    generate.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    generate.add_argument("--dtype", choices=DTYPES, default="float32",
                           help="teacher compute and parameter dtype")
     generate.set_defaults(func=run_generate)
 
@@ -95,16 +95,16 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _teacher_records(args: argparse.Namespace, samples: list[dict]):
-    import jax.numpy as jnp
     from transformers import AutoTokenizer
 
     from reczero_jax.models import from_pretrained
+    from reczero_jax.models.dtypes import JAX_DTYPES
+    from reczero_jax.models.hf import check_model_dir
     from reczero_jax.traces.teacher import generate_traces
 
-    if not (Path(args.teacher) / "config.json").is_file():
-        raise SystemExit(f"--teacher {args.teacher}: not a Hugging Face model directory (no "
-                         "config.json); convert one with `reczero model convert-gguf` or pass 'template'")
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    check_model_dir(args.teacher, "--teacher",
+                    "convert one with `reczero model convert-gguf`, or pass --teacher template")
+    dtype = JAX_DTYPES[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     model = from_pretrained(args.teacher, dtype=dtype, param_dtype=dtype)
     return generate_traces(model, tokenizer, samples, max_prompt_tokens=args.max_prompt_tokens,

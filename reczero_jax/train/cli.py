@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from reczero_jax import distributed
+from reczero_jax.config import DTYPES
 
 
 def register(subparsers) -> None:
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
     export.add_argument("--run", required=True, help="run directory of `reczero train`")
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     export.add_argument("--out", required=True, help="output directory")
-    export.add_argument("--dtype", choices=("bfloat16", "float32"),
+    export.add_argument("--dtype", choices=DTYPES,
                         help="weight dtype (default: the parameters' own)")
     export.set_defaults(func=_export)
 
@@ -54,11 +55,17 @@ def register(subparsers) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from reczero_jax.config import load_config
+    from reczero_jax.data.tfds_builder import find_prepared
+    from reczero_jax.models.hf import check_model_dir
     from reczero_jax.train.loop import run
 
+    config = load_config(args.config, args.overrides)
+    # Before the run directory is touched and before transformers or TFDS see the paths.
+    check_model_dir(config.model.path, "model.path")
+    find_prepared(config.data.dir)
     # Before JAX touches a device: joins the hosts of a pod slice (automatic on Cloud TPU).
     distributed.initialize_from_args(args)
-    run(load_config(args.config, args.overrides), restart=args.restart)
+    run(config, restart=args.restart)
     return 0
 
 
@@ -75,13 +82,18 @@ def _eval(args: argparse.Namespace) -> int:
     from reczero_jax.baselines import evaluate_baselines, markdown_table
     from reczero_jax.config import load_config
     from reczero_jax.data import load_split
+    from reczero_jax.data.tfds_builder import find_prepared
     from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
     from reczero_jax.models import from_pretrained
+    from reczero_jax.models.hf import check_model_dir
     from reczero_jax.rewards import TokenRewardFn
 
     model_dir, data_dir, out = args.model, args.data, args.out
     max_prompt_tokens, max_new_tokens = args.max_prompt_tokens or 1024, args.max_new_tokens or 512
     if args.run:
+        if not (Path(args.run) / "config.yaml").is_file():
+            raise FileNotFoundError(f"--run {args.run} holds no config.yaml (pass the run_dir of "
+                                    "a `reczero train` run)")
         run = load_config(Path(args.run) / "config.yaml")
         model_dir = Path(args.run) / "export"
         data_dir = data_dir or run.data.dir
@@ -89,8 +101,12 @@ def _eval(args: argparse.Namespace) -> int:
         max_new_tokens = args.max_new_tokens or run.train.eval_max_new_tokens
         out = out or Path(args.run) / f"eval_{args.split}.json"
     if data_dir is None:
-        raise SystemExit("reczero eval: --model needs --data (a directory from `reczero data "
+        raise ValueError("reczero eval --model needs --data (a directory from `reczero data "
                          "prepare`)")
+    check_model_dir(model_dir, "--model" if args.model else "the run's export/",
+                    fix="pass a Hugging Face model directory" if args.model else
+                    "the run has not finished: export a checkpoint with `reczero export`")
+    find_prepared(data_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = from_pretrained(model_dir)
     split = load_split(data_dir, args.split)

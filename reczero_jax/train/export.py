@@ -14,18 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
 from reczero_jax.config import ExperimentConfig, load_config
 from reczero_jax.mesh import param_shardings, single_device_mesh
 from reczero_jax.models import Decoder, save_pretrained
+from reczero_jax.models.dtypes import jax_dtype
 from reczero_jax.models.hf import read_config
 from reczero_jax.train.checkpoint import Checkpointer
-
-# Config dtype names (model.dtype, model.param_dtype, --dtype) -> jax dtypes.
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints holds the run's Orbax steps by default
 
@@ -66,8 +63,8 @@ def restore_model(run_dir, step: int | None = None) -> tuple[Decoder, dict[str, 
                          f"{ckpt.all_steps()}")
     config = ckpt.saved_config(step)
     abstract = nnx.eval_shape(lambda: Decoder(
-        read_config(config["model"]["path"]), dtype=DTYPES[config["model"]["dtype"]],
-        param_dtype=DTYPES[config["model"]["param_dtype"]], rngs=nnx.Rngs(0)))
+        read_config(config["model"]["path"]), dtype=jax_dtype(config["model"]["dtype"]),
+        param_dtype=jax_dtype(config["model"]["param_dtype"]), rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     restored = ckpt.restore(step, abstract_params=state,
                             param_sharding=param_shardings(state, single_device_mesh()))
@@ -81,11 +78,10 @@ def export_run(run_dir, out_dir, *, step: int | None = None, dtype: str | None =
     Hugging Face directory ``out_dir``, in ``dtype`` (default: the parameters' own)."""
     from transformers import AutoTokenizer
 
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    export_dtype = None if dtype is None else jax_dtype(dtype)
     model, config, restored_step = restore_model(run_dir, step)
     tokenizer = AutoTokenizer.from_pretrained(config["model"]["path"])
-    written = save_pretrained(model, out_dir, dtype=None if dtype is None else DTYPES[dtype],
+    written = save_pretrained(model, out_dir, dtype=export_dtype,
                               tokenizer=tokenizer)
     print(f"[reczero] exported step {restored_step} of {run_dir} to {out_dir}")
     return written

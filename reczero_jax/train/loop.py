@@ -47,17 +47,18 @@ from transformers import AutoTokenizer
 
 from reczero_jax import distributed, prompts, traces
 from reczero_jax.baselines import markdown_table
-from reczero_jax.config import ExperimentConfig, save_config
+from reczero_jax.config import ExperimentConfig, OptimConfig, save_config
 from reczero_jax.data import load_split
 from reczero_jax.data.pipeline import default_pad_id, make_pipeline
 from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
 from reczero_jax.mesh import make_mesh
 from reczero_jax.models import from_pretrained
+from reczero_jax.models.dtypes import jax_dtype
 from reczero_jax.observe import METRICS_FILE, RunLogger, plot_run, scalar_metrics
 from reczero_jax.rewards import TokenRewardFn
 from reczero_jax.train.checkpoint import Checkpointer, PreemptionGuard, Restored, check_compatible
-from reczero_jax.train.export import DTYPES, checkpoint_directory, export_model
-from reczero_jax.train.step import OptimConfig, Trainer, rollout
+from reczero_jax.train.export import checkpoint_directory, export_model
+from reczero_jax.train.step import Trainer, rollout
 
 SAMPLES_FILE = "eval_samples.jsonl"
 # What a run writes besides checkpoints: a fresh start removes what an earlier run left
@@ -222,8 +223,8 @@ class Session:
         self.results: dict[str, dict[str, Any]] = {}
         self.mesh = make_mesh(**dataclasses.asdict(config.mesh))
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-        self.base_model = from_pretrained(config.model.path, dtype=DTYPES[config.model.dtype],
-                                          param_dtype=DTYPES[config.model.param_dtype],
+        self.base_model = from_pretrained(config.model.path, dtype=jax_dtype(config.model.dtype),
+                                          param_dtype=jax_dtype(config.model.param_dtype),
                                           mesh=self.mesh)
         self.base_model.remat = config.model.remat
         self.train_records = _take(load_split(config.data.dir, "train"), config.data.train_samples)

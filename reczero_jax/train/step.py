@@ -12,7 +12,6 @@ Shapes: B prompts, G samples per prompt, P prompt length, R response length.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -25,47 +24,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reczero_jax import grpo
+from reczero_jax.config import GRPOConfig, OptimConfig, check_batch_split
 from reczero_jax.mesh import logical_to_spec, mesh_axis_size, param_shardings
 from reczero_jax.models.decoder import Decoder
 from reczero_jax.policy import response_logits
 from reczero_jax.sampling import generate
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    """AdamW with global-norm clipping; constant learning rate (the paper's: no warm-up).
-
-    ``memory_budget_gib``: per-device memory the compiled GRPO update may need
-    (``Trainer.check_memory``); 0 turns the check off.
-    """
-
-    learning_rate: float = 2e-6
-    b1: float = 0.9
-    b2: float = 0.999
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    micro_batches: int = 1
-    memory_budget_gib: float = 0.0
-
-
-@dataclasses.dataclass
-class GRPOConfig:
-    """GRPO as trained in the paper (PAPER.md, "GRPO as trained"); every knob a value."""
-
-    group_size: int = 8
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    estimator: str = "grpo"
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    loss_agg: str = "token-mean"
-    kl_coef: float = 0.0
-    kl_kind: str = "k3"
-    entropy_coef: float = 0.0
-    updates_per_rollout: int = 1
-    shared_prompt: bool = True
 
 
 class Rollout(NamedTuple):
@@ -181,16 +144,8 @@ class Trainer:
 
     def check_batch(self, num_prompts: int) -> None:
         """Readable errors, before compiling, for a batch that cannot be split as configured."""
-        shards = mesh_axis_size(self.mesh, logical_to_spec(("batch",))[0])
-        micro = self.optim.micro_batches
-        if num_prompts % micro:
-            raise ValueError(f"prompts per step ({num_prompts}) is not a multiple of "
-                             f"optim.micro_batches ({micro})")
-        if (num_prompts // micro) % shards:
-            raise ValueError(
-                f"each micro-batch holds {num_prompts // micro} prompts, which does not divide "
-                f"the data x fsdp mesh axes ({shards} devices); make prompts per step a "
-                f"multiple of micro_batches x {shards}")
+        check_batch_split(num_prompts, self.optim.micro_batches,
+                          mesh_axis_size(self.mesh, logical_to_spec(("batch",))[0]))
 
     def place(self, rollout_batch: Rollout) -> Rollout:
         """The rollout resharded to the update's input shardings (batch over data x fsdp): the
