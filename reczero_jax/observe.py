@@ -6,6 +6,9 @@ A run directory holds::
     tensorboard/      event files, one scalar tag "<phase>/<metric>" per metric
     plots/            <phase>.png (curves against step) and eval.png, from ``plot_run``
 
+The GRPO step logs ``mfu`` (model FLOPs utilisation: ``grpo_step_flops`` over the step's time
+and the devices' peak, ``PEAK_BF16_FLOPS``) where the backend's peak is known (not on CPU).
+
     with RunLogger(run_dir, enabled=jax.process_index() == 0) as log:
         log.write("grpo", step, metrics)
     plot_run(run_dir)
@@ -25,16 +28,21 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 from tensorboardX import SummaryWriter
+
+from reczero_jax.config import GRPOConfig
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
 EVAL_PREFIX = "eval "
 EVAL_BAR_METRICS = ("mae", "rmse", "parse_rate", "format_rate")
+# Evaluation stages by the start of their name (loop.plan_phases), each with its bar colour.
+EVAL_STAGES = {"zero-shot": "0.6", "after SFT + GRPO": "C2", "after SFT": "C0", "after GRPO": "C2"}
+MAX_SMOOTHING_WINDOW = 25
 
 # Dense bf16 peak FLOP/s of one device, by jax's ``device_kind`` (TPU v4, v5p and v6e: one
 # device per chip). From the vendors' data sheets; sparsity figures are not used.
@@ -198,9 +206,17 @@ def _curves_figure(phase: str, rows: Sequence[dict[str, Any]]):
         return None
     figure, axes = _grid(len(names))
     for ax, name in zip(axes, names, strict=True):
-        points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), int | float)]
+        points = [(r["step"], r[name]) for r in rows
+                  if isinstance(r.get(name), int | float) and math.isfinite(r[name])]
         steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, marker="." if len(points) < 50 else None)
+        window = smoothing_window(len(points))
+        if window == 1:
+            ax.plot(steps, values, marker=".")
+        else:  # per-step values are noisy (a few samples each): the trend is the average
+            ax.plot(steps, values, ".", color="C0", alpha=0.25, label="per step")
+            ax.plot(steps, moving_average(values, window), color="C0",
+                    label=f"mean of last {window} steps")
+            ax.legend(fontsize="small")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -217,15 +233,42 @@ def _eval_figure(rows: Sequence[dict[str, Any]]):
     counts = Counter(r["phase"] for r in rows)
     labels = [r["phase"].removeprefix(EVAL_PREFIX)
               + (f" @{r['step']}" if counts[r["phase"]] > 1 else "") for r in rows]
+    stages = [eval_stage(label) for label in labels]
+    colors = [EVAL_STAGES.get(stage, "C1") for stage in stages]
     figure, axes = _grid(len(names))
     for ax, name in zip(axes, names, strict=True):
         values = [r.get(name, math.nan) for r in rows]
-        ax.bar_label(ax.bar(range(len(rows)), values), fmt="%.3f")
+        ax.bar_label(ax.bar(range(len(rows)), values, color=colors), fmt="%.3f")
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
         ax.set_title(name)
         ax.grid(axis="y", alpha=0.3)
-    figure.suptitle("evaluations")
+    shown = dict(zip(stages, colors, strict=True))  # one legend entry per stage, in run order
+    figure.legend([Patch(color=color) for color in shown.values()], list(shown),
+                  loc="outside lower center", ncols=len(shown))
+    figure.suptitle("evaluations: zero-shot, then after each training phase")
     return figure
+
+
+def eval_stage(label: str) -> str:
+    """The stage of an evaluation label: a key of ``EVAL_STAGES`` it starts with (the longest),
+    else the label itself (e.g. a validation at some step)."""
+    matches = [stage for stage in EVAL_STAGES if label.startswith(stage)]
+    return max(matches, key=len) if matches else label
+
+
+def smoothing_window(count: int) -> int:
+    """Steps per moving-average window of a curve of ``count`` points: about a tenth of them,
+    2 to ``MAX_SMOOTHING_WINDOW``; 1 (raw points only) under 8 points."""
+    return 1 if count < 8 else min(MAX_SMOOTHING_WINDOW, max(2, count // 10))
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean: ``out[i] = mean(values[max(0, i - window + 1) : i + 1])`` (fewer points
+    at the start, so the curve starts at the first step)."""
+    sums = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
+    end = np.arange(1, len(values) + 1)
+    start = np.maximum(end - window, 0)
+    return (sums[end] - sums[start]) / (end - start)
 
 
 def _save(figure, path: Path) -> Path:
@@ -248,6 +291,40 @@ def model_flops(n_params: int, *, trained_tokens: int = 0, forward_tokens: int =
     return float(n_params) * (6.0 * trained_tokens + 2.0 * forward_tokens)
 
 
+def matmul_parameters(config) -> int:
+    """Weights that multiply each token's activations, 2 FLOPs apiece per token forward, of a
+    ``models.ModelConfig``: per layer the q, k, v, o projections and the gated MLP, then the
+    output head (tied or not):
+
+        N = L (d H D + 2 d K D + H D d + 3 d I) + d V
+
+    The embedding lookup, norms and biases do no matmul and are left out."""
+    d, heads, kv_heads, head_dim = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                                    config.head_dim)
+    per_layer = (2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+                 + 3 * d * config.intermediate_size)
+    return config.num_layers * per_layer + d * config.vocab_size
+
+
+def grpo_step_flops(config, grpo: GRPOConfig, prompts: int, prompt_tokens: int,
+                    response_tokens: int) -> float:
+    """Model FLOPs of one GRPO step on the padded shapes it computes (``model_flops`` with
+    N = ``matmul_parameters(config)``), B prompts of P tokens, G = ``grpo.group_size`` responses
+    of R tokens, U = ``grpo.updates_per_rollout``:
+
+        sampling, forward:            B P + B G R tokens (each prompt prefilled once)
+        each update, trained:         B P' + B G R tokens, P' = P with ``grpo.shared_prompt``
+                                      (the prompt once per group), else G P
+        each update, reference (KL):  the same tokens forward, when ``grpo.kl_coef`` is not 0
+    """
+    group, updates = grpo.group_size, grpo.updates_per_rollout
+    responses = prompts * group * response_tokens
+    updated = prompts * prompt_tokens * (1 if grpo.shared_prompt else group) + responses
+    forward = prompts * prompt_tokens + responses + (updates * updated if grpo.kl_coef else 0)
+    return model_flops(matmul_parameters(config), trained_tokens=updates * updated,
+                       forward_tokens=forward)
+
+
 def mfu_estimate(flops: float, seconds: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: ``flops / (seconds * peak_flops)``, with ``peak_flops`` the
     summed peak FLOP/s of the devices that did the work (``platform_peak_flops``)."""
@@ -266,8 +343,3 @@ def platform_peak_flops(devices: Sequence[Any] | None = None) -> float | None:
     if not peaks or None in peaks:
         return None
     return float(sum(peaks))
-
-
-def parameter_count(model) -> int:
-    """The number of parameters (``nnx.Param`` entries) of a Flax NNX model."""
-    return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -3,9 +3,22 @@ configs reload to the same run, the paper recipe in configs/paper."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from reczero_jax.config import ALGORITHMS, ExperimentConfig, load_config, save_config
+from reczero_jax.config import (
+    ALGORITHMS,
+    CHOICES,
+    DTYPE_BYTES,
+    DTYPES,
+    ESTIMATORS,
+    LAYOUTS,
+    REWARDS,
+    ExperimentConfig,
+    check_batch_split,
+    load_config,
+    save_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml")) + sorted((CONFIGS / "paper").glob("*.yaml"))
@@ -92,3 +105,39 @@ def test_unknown_algorithm_is_named():
     with pytest.raises(ValueError, match="'ppo'") as error:
         load_config(None, ["algorithm=ppo"])
     assert all(name in str(error.value) for name in ALGORITHMS)
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_choice_field_is_checked_at_load(key):
+    with pytest.raises(ValueError) as error:
+        load_config(None, [f"{key}=typo"])
+    message = str(error.value)
+    assert f"{key}='typo'" in message and ", ".join(CHOICES[key]) in message
+    for value in CHOICES[key]:
+        assert load_config(None, [f"{key}={value}"]) is not None
+
+
+def test_choice_names_are_the_ones_the_code_dispatches_on():
+    from reczero_jax import grpo, prompts
+    from reczero_jax.models.dtypes import JAX_DTYPES
+    from reczero_jax.rewards import VARIANTS
+
+    assert tuple(VARIANTS) == REWARDS
+    assert tuple(JAX_DTYPES) == DTYPES == tuple(DTYPE_BYTES)
+    assert {name: np.dtype(dtype).itemsize for name, dtype in JAX_DTYPES.items()} == DTYPE_BYTES
+    # grpo and prompts take their lists from here (one home per list).
+    assert grpo.ESTIMATORS is ESTIMATORS and prompts.LAYOUTS is LAYOUTS
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.prompts_per_step=6", "optim.micro_batches=4"],
+     r"train.prompts_per_step \(6\) is not a multiple of optim.micro_batches \(4\)"),
+    (["train.prompts_per_step=8", "optim.micro_batches=2", "mesh.fsdp=8"],
+     "each micro-batch holds 4 prompts, which does not divide the data x fsdp mesh axes"),
+    (["algorithm=sft", "sft.batch_size=4", "mesh.data=8"],
+     r"sft.batch_size \(4\) is not a multiple|each micro-batch holds 4 prompts"),
+])
+def test_batch_that_does_not_split_over_the_mesh_fails_at_load(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+    check_batch_split(8, 2, 4)  # 8 prompts, 2 micro-batches of 4, each over 4 devices: fine

@@ -9,14 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from tensorboardX.proto import event_pb2
 
+from reczero_jax.config import GRPOConfig
+from reczero_jax.models import ModelConfig
 from reczero_jax.observe import (
     RunLogger,
+    _curves_figure,
+    _eval_figure,
+    eval_stage,
+    grpo_step_flops,
+    matmul_parameters,
     mfu_estimate,
     model_flops,
-    parameter_count,
+    moving_average,
     platform_peak_flops,
     plot_run,
     read_metrics,
@@ -148,11 +154,50 @@ def test_platform_peak_flops():
         assert platform_peak_flops() is None
 
 
-def test_parameter_count_by_hand():
-    class TwoLayers(nnx.Module):
-        def __init__(self, rngs):
-            self.first = nnx.Linear(3, 4, rngs=rngs)  # 3 * 4 + 4
-            self.second = nnx.Linear(4, 2, rngs=rngs)  # 4 * 2 + 2
-            self.step = nnx.Variable(jnp.zeros(5))  # not a parameter
+def test_matmul_parameters_and_grpo_step_flops_by_hand():
+    # d=4, 2 heads of 3 (H D = 6), 1 kv head (K D = 3), MLP 5, vocab 7, 2 layers. Per layer:
+    # q 4*6 + k 4*3 + v 4*3 + o 6*4 + gate, up, down 3*4*5 = 24+12+12+24+60 = 132; head 4*7.
+    config = ModelConfig(model_type="llama", vocab_size=7, hidden_size=4, intermediate_size=5,
+                         num_layers=2, num_heads=2, num_kv_heads=1, head_dim=3)
+    n = 2 * 132 + 28
+    assert matmul_parameters(config) == n
+    # B=2 prompts of P=10 tokens, G=3 responses of R=4: 24 response tokens.
+    # Sampling: 20 + 24 forward; update (shared prompt): 20 + 24 trained.
+    grpo = GRPOConfig(group_size=3)
+    assert grpo_step_flops(config, grpo, 2, 10, 4) == 6 * n * 44 + 2 * n * 44
+    # Prompt repeated per response, two updates, a KL reference forward per update.
+    grpo = GRPOConfig(group_size=3, shared_prompt=False, updates_per_rollout=2, kl_coef=0.1)
+    trained = 2 * (60 + 24)
+    assert grpo_step_flops(config, grpo, 2, 10, 4) == 6 * n * trained + 2 * n * (44 + trained)
 
-    assert parameter_count(TwoLayers(nnx.Rngs(0))) == 16 + 10
+
+def test_moving_average_by_hand():
+    np.testing.assert_allclose(moving_average([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(moving_average([2.0, 4.0, 9.0], 5), [2.0, 3.0, 5.0])
+
+
+def test_noisy_curves_get_a_moving_average_named_in_the_legend():
+    rows = [{"phase": "grpo", "step": s, "reward_mean": float(s % 3)} for s in range(1, 41)]
+    (ax,) = _curves_figure("grpo", rows).axes
+    raw, average = ax.get_lines()
+    assert raw.get_alpha() == 0.25 and list(raw.get_ydata()) == [s % 3 for s in range(1, 41)]
+    np.testing.assert_allclose(average.get_ydata(), moving_average(raw.get_ydata(), 4))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["per step",
+                                                                   "mean of last 4 steps"]
+    # A short curve is drawn raw.
+    (ax,) = _curves_figure("grpo", rows[:5]).axes
+    assert len(ax.get_lines()) == 1 and ax.get_legend() is None
+
+
+def test_eval_chart_marks_each_stage():
+    assert [eval_stage(name) for name in ("zero-shot", "after SFT", "after SFT + GRPO",
+                                          "after GRPO")] == ["zero-shot", "after SFT",
+                                                             "after SFT + GRPO", "after GRPO"]
+    rows = [{"phase": f"eval {name}", "step": 0, "mae": 1.0}
+            for name in ("zero-shot", "after SFT", "after SFT + GRPO")]
+    figure = _eval_figure(rows)
+    (legend,) = figure.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["zero-shot", "after SFT",
+                                                          "after SFT + GRPO"]
+    (ax,) = figure.axes
+    assert len({bar.get_facecolor() for bar in ax.patches}) == 3

@@ -199,9 +199,11 @@ def format_lengths(stats: dict[str, dict], budget: int) -> str:
 def run_prepare(args: argparse.Namespace) -> int:
     """Prepare, print the counts; a data problem is one "error:" line and exit status 2."""
     from reczero_jax.data.sources import DataError
+    from reczero_jax.library_logs import library_logs_to
 
     try:
-        return _prepare_and_report(args)
+        with library_logs_to(args.out):
+            return _prepare_and_report(args)
     except (DataError, OSError) as error:  # missing files, bad records under --on-error fail
         print(f"error: {error}", file=sys.stderr)
         return 2

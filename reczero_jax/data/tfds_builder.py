@@ -22,8 +22,11 @@ written in time order (``disable_shuffling``), so a split reads back in the orde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ SCALAR_FIELDS = {
     "rating": np.int32,
     "timestamp": np.int64,
 }
+TFDS_LOG = logging.getLogger("tensorflow_datasets")
 READ_CHUNK = 256  # records per batched array_record read when iterating a split
 
 
@@ -214,7 +218,19 @@ def prepare(
         if overwrite
         else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     )
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    # TFDS prints "Downloading and preparing ..." / "... prepared to" on stdout and draws its own
+    # progress bars (splits, shuffling): its prints go to its logger (``library_logs``' file
+    # under the CLI), its bars are off; the source reader's progress bar stays.
+    printed = io.StringIO()
+    tfds.disable_progress_bar()
+    try:
+        with contextlib.redirect_stdout(printed):
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(download_mode=mode))
+    finally:
+        tfds.enable_progress_bar()
+        for line in printed.getvalue().splitlines():
+            TFDS_LOG.info(line)
     return version_dir, reused
 
 

@@ -56,8 +56,9 @@ def register(subparsers) -> None:
 def _train(args: argparse.Namespace) -> int:
     from reczero_jax.config import load_config
     from reczero_jax.data.tfds_builder import find_prepared
+    from reczero_jax.library_logs import library_logs_to
     from reczero_jax.models.hf import check_model_dir
-    from reczero_jax.train.loop import run
+    from reczero_jax.train.loop import local_run_dir, run
 
     config = load_config(args.config, args.overrides)
     # Before the run directory is touched and before transformers or TFDS see the paths.
@@ -65,7 +66,9 @@ def _train(args: argparse.Namespace) -> int:
     find_prepared(config.data.dir)
     # Before JAX touches a device: joins the hosts of a pod slice (automatic on Cloud TPU).
     distributed.initialize_from_args(args)
-    run(config, restart=args.restart)
+    # Only process 0 writes into its run directory (train.loop).
+    with library_logs_to(local_run_dir(config.run_dir) if distributed.is_primary() else None):
+        run(config, restart=args.restart)
     return 0
 
 

@@ -54,7 +54,15 @@ from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
 from reczero_jax.mesh import make_mesh
 from reczero_jax.models import from_pretrained
 from reczero_jax.models.dtypes import jax_dtype
-from reczero_jax.observe import METRICS_FILE, RunLogger, plot_run, scalar_metrics
+from reczero_jax.observe import (
+    METRICS_FILE,
+    RunLogger,
+    grpo_step_flops,
+    mfu_estimate,
+    platform_peak_flops,
+    plot_run,
+    scalar_metrics,
+)
 from reczero_jax.rewards import TokenRewardFn
 from reczero_jax.train.checkpoint import Checkpointer, PreemptionGuard, Restored, check_compatible
 from reczero_jax.train.export import checkpoint_directory, export_model
@@ -375,6 +383,7 @@ class Session:
             key = restored.rng_keys["rollout"]
             start = restored.progress["phase_step"]
         pad_id = default_pad_id(self.tokenizer)
+        peak_flops = platform_peak_flops(self.mesh.devices.flat)  # None: no MFU (e.g. CPU)
 
         def step_fn(phase_step: int, step: int) -> dict[str, Any]:
             local = next(batches)  # this process's rows of the global batch
@@ -401,6 +410,10 @@ class Session:
             metrics.update(rollout_metrics(scored, batch["rating"]),
                            rollout_seconds=rollout_seconds,
                            update_seconds=time.perf_counter() - began - rollout_seconds)
+            if peak_flops:
+                flops = grpo_step_flops(model.config, config.grpo, *scored.prompt_ids.shape,
+                                        scored.responses.shape[-1])
+                metrics["mfu"] = mfu_estimate(flops, time.perf_counter() - began, peak_flops)
             self.log.write("grpo", step, metrics)
             if config.train.eval_every and phase_step % config.train.eval_every == 0:
                 metrics.update(self.validate(trainer.model, step))
