@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -163,6 +164,16 @@ def test_empty_splits_are_not_written(tmp_path):
     assert len(load_split(tmp_path, "test")) == 1
     with pytest.raises(ValueError, match=r"split 'train' not in .* \(it has \['test'\]"):
         load_split(tmp_path, "train")
+
+    # TFDS's prints, progress bars and absl messages are in the log file, not on the terminal.
+    absl_handlers = list(logging.getLogger("absl").handlers)
+    _, stdout, stderr = run_cli("--dataset", "amazon", "--source", source, "--out",
+                                tmp_path / "quiet", "--tokenizer", "none")
+    assert "Downloading and preparing" not in stdout and "prepared to" not in stdout
+    assert "Generating" not in stderr and "Shuffling" not in stderr
+    log = (tmp_path / "quiet" / "libraries.log").read_text()
+    assert "Downloading and preparing dataset" in log and "Using custom data configuration" in log
+    assert logging.getLogger("absl").handlers == absl_handlers  # restored after the command
 
 
 def test_on_error_fail_names_file_and_line(tmp_path):
