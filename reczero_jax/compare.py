@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reczero_jax.config import LAYOUTS
+
 TOLERANCES = {"logits": 1e-3, "logp": 1e-3, "advantages": 1e-5, "loss": 1e-4, "grad_norm": 1e-3}
 RELATIVE_FLOOR = 1e-6
 GRPO_PROMPTS = 2
@@ -549,7 +551,7 @@ def register(subparsers) -> None:
     parser.add_argument("--group-size", type=int, default=4, help="GRPO responses per prompt")
     parser.add_argument("--max-prompt-tokens", type=int, default=2048,
                         help="prompt budget for --data samples (see reczero_jax.prompts)")
-    parser.add_argument("--layout", choices=("chat", "user", "raw"), default="chat",
+    parser.add_argument("--layout", choices=LAYOUTS, default="chat",
                         help="prompt layout for --data samples")
     parser.add_argument("--tolerance-scale", type=float, default=1.0,
                         help="multiply every tolerance (0: demand exact equality)")

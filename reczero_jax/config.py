@@ -8,8 +8,9 @@ an error naming it. ``load_config`` then checks every choice field against its a
 here, before a run directory is touched, not inside a jitted step. The resolved config is
 saved into the run directory and reloads to the same run.
 
-This module is the bottom of the package: pure Python (no jax), imported by the modules that
-dispatch on its choice names (``grpo``, ``prompts``, ``rewards``, ``models.dtypes``).
+This module is the bottom of the package: pure Python (no jax). The modules that dispatch on
+its choice names import them (``grpo``, ``prompts``, ``models.dtypes``, the CLIs' flags);
+``rewards.host.VARIANTS`` is checked against ``REWARDS`` by a test.
 """
 
 from __future__ import annotations

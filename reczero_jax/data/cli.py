@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from reczero_jax.config import LAYOUTS
 from reczero_jax.data.samples import SPLIT_MODES, SPLITS, SampleConfig
 from reczero_jax.data.sources import DATASETS, ON_ERROR, VERL_DATASET
 
@@ -96,7 +97,7 @@ def register(subparsers) -> None:
     )
     prepare.add_argument(
         "--layout",
-        choices=("chat", "user", "raw"),
+        choices=LAYOUTS,
         default="chat",
         help="prompt layout for the length statistics (see reczero_jax.prompts)",
     )
