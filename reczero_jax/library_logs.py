@@ -14,14 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOG_FILE = "libraries.log"
-# absl's logger carries TFDS's, grain's and Orbax's messages; TFDS's own prints are logged to
-# "tensorflow_datasets" by ``data.tfds_builder.prepare``.
-LIBRARY_LOGGERS = ("absl", "tensorflow_datasets")
+# Logger -> the lowest level kept in the file. absl's carries TFDS's, grain's and Orbax's
+# messages (Orbax logs dozens of INFO lines per checkpoint: warnings only); TFDS's own prints
+# are logged to "tensorflow_datasets" at INFO by ``data.tfds_builder.prepare``.
+LIBRARY_LOGGERS = {"absl": logging.WARNING, "tensorflow_datasets": logging.INFO}
 
 
 @contextlib.contextmanager
 def library_logs_to(directory: str | Path | None) -> Iterator[Path | None]:
-    """Within the block, INFO and above of ``LIBRARY_LOGGERS`` are appended to
+    """Within the block, the messages of ``LIBRARY_LOGGERS`` (from their levels up) are appended to
     ``directory/libraries.log`` (created) and not passed on to the terminal's handlers; the
     loggers are restored after. ``None`` drops them (a process that writes no files). Yields
     the log file's path, or None."""
@@ -34,9 +35,9 @@ def library_logs_to(directory: str | Path | None) -> Iterator[Path | None]:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
     saved = [(logger.handlers, logger.propagate, logger.level) for logger in loggers]
-    for logger in loggers:
+    for logger, level in zip(loggers, LIBRARY_LOGGERS.values(), strict=True):
         logger.handlers, logger.propagate = [handler], False
-        logger.setLevel(logging.INFO)
+        logger.setLevel(level)
     try:
         yield path
     finally:
