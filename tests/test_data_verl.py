@@ -9,13 +9,9 @@ import pytest
 from reczero_jax import prompts
 from reczero_jax.data import load_split
 from reczero_jax.data.pipeline import make_pipeline
-from reczero_jax.data.sources import (
-    DEFAULT_AVG_RATING,
-    DataError,
-    ReadReport,
-    read_verl_parquet,
-)
+from reczero_jax.data.sources import DataError, ReadReport
 from reczero_jax.data.tfds_builder import load_metadata
+from reczero_jax.data.verl_parquet import DEFAULT_AVG_RATING, read_verl_parquet
 from tests.test_data_cli import run_cli
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])

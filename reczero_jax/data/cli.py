@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from reczero_jax.data.samples import SPLIT_MODES, SPLITS, SampleConfig
-from reczero_jax.data.sources import DATASETS, ON_ERROR, VERL_DATASET
+from reczero_jax.data.sources import DATASETS, ON_ERROR
+from reczero_jax.data.verl_parquet import VERL_DATASET
 
 PICKLE_HELP = (
     "allow reading a --dataset table stored as a pickle (.pkl). Off by default because "

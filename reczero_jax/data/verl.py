@@ -1,7 +1,7 @@
 """The authors' verl parquet files -> TFDS sample splits that ``load_split`` reads.
 
 A verl row is a ready prompt (a list of chat messages) with its ground-truth rating, not an
-interaction, so no histories are built: each kept row (``sources.read_verl_parquet``) is one
+interaction, so no histories are built: each kept row (``verl_parquet.read_verl_parquet``) is one
 sample. Records have the scalars of every sample (user_id, item_id, rating, timestamp) and a
 JSON ``context`` holding ``prompt_messages``, ``user_avg_rating``, ``item_avg_rating``,
 ``data_source``, ``ability`` and ``extra_info``; ``prompts.encode_prompt`` renders
@@ -22,8 +22,9 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from reczero_jax.data.samples import SPLITS
-from reczero_jax.data.sources import VERL_DATASET, DataError, ReadReport, read_verl_parquet
+from reczero_jax.data.sources import DataError, ReadReport
 from reczero_jax.data.tfds_builder import BUILDER_NAME, ReczeroSamples, config_name, prepare
+from reczero_jax.data.verl_parquet import VERL_DATASET, read_verl_parquet
 
 SCALARS = ("user_id", "item_id", "rating", "timestamp")
 
