@@ -308,7 +308,7 @@ def our_greedy(ours, ids, mask, max_new_tokens: int, eos_ids, pad_id: int):
 
 def compare_logits(ours, theirs, prompts, pad_id: int, scale: float) -> list[Check]:
     """Ours on every prompt left-padded to the longest (one compiled shape), theirs unpadded."""
-    from reczero_jax.data.pipeline import left_pad
+    from reczero_jax.data.padding import left_pad
 
     forward = _jitted()[0]
     ids, mask = left_pad(prompts, max(map(len, prompts)), pad_id)
@@ -422,7 +422,7 @@ def compare_grpo(ours, theirs, decode, prompts, truths, greedy, probes, *, group
     import optax
 
     from reczero_jax import grpo
-    from reczero_jax.data.pipeline import left_pad
+    from reczero_jax.data.padding import left_pad
     from reczero_jax.mesh import single_device_mesh
     from reczero_jax.train.step import GRPOConfig, OptimConfig, Rollout, Trainer
 
@@ -480,7 +480,7 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
         raise ValueError("reczero compare runs the transformers side on torch, which is not "
                          "installed: pip install -e '.[dev]' (torch==2.13.0, CPU build)") from None
 
-    from reczero_jax.data.pipeline import default_pad_id, left_pad
+    from reczero_jax.data.padding import default_pad_id, left_pad
     from reczero_jax.models.hf import from_pretrained
 
     if n < 1 or max_new_tokens < 1 or group_size < 2 or tolerance_scale < 0:
