@@ -12,8 +12,9 @@ import pytest
 import torch
 import transformers
 
-from reczero_jax.compare import PROBES, authors_reward, register
+from reczero_jax.compare import PROBES, authors_reward, load_prompts, register
 from reczero_jax.data.verl import VerlConfig, prepare_verl
+from reczero_jax.prompts import INSTRUCTION
 from reczero_jax.rewards import rating_reward
 
 # PROBES' rewards worked out by hand from PAPER.md's rule: 2 - |pred - y| / 2, or -1.
@@ -72,14 +73,22 @@ def test_authors_rules_and_ours_give_the_hand_computed_probe_rewards():
     assert tuple(rating_reward(text, y).reward for text, y in PROBES) == PROBE_REWARDS
 
 
-def test_tiny_qwen2_passes_on_prepared_verl_data(tiny_qwen2_dir, tmp_path):
+@pytest.mark.parametrize("content", ["plain text", "authors' ChatML"])
+def test_tiny_qwen2_passes_on_prepared_verl_data(content, tiny_qwen2_dir, tmp_path,
+                                                 qwen2_tokenizer):
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     texts = ["user_history: 1. Heat, 4.0;\n\nuser_avg_rating: 4.0\n\ntarget_item: Casino",
              "user_history: 1. Emma, 2.0;\n\nuser_avg_rating: 2.0\n\ntarget_item: Persuasion",
              "user_history: 1. Fargo, 5.0;\n\nuser_avg_rating: 5.0\n\ntarget_item: Heat"]
+    columns = {"reward_model": [{"style": "rule", "ground_truth": y} for y in (5, 2, 4)]}
+    if content == "authors' ChatML":  # their layout: make_prefix's string, string truths, extra_info
+        texts = [f"<|im_start|>system\n{INSTRUCTION}<|im_end|>\n<|im_start|>user\n{t}<|im_end|>\n"
+                 "<|im_start|>assistant\n" for t in texts]
+        columns = {"reward_model": [{"style": "rule", "ground_truth": str(y)} for y in (5, 2, 4)],
+                   "extra_info": [{"split": "test", "index": i} for i in range(3)]}
     table = pa.table({
         "prompt": pa.array([[{"role": "user", "content": t}] for t in texts], pa.list_(message)),
-        "reward_model": [{"style": "rule", "ground_truth": y} for y in (5, 2, 4)]})
+        **columns})
     pq.write_table(table, tmp_path / "test.parquet")
     prepare_verl(VerlConfig.of([tmp_path / "test.parquet"]), tmp_path / "data")
     status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", tmp_path / "data",
@@ -90,6 +99,17 @@ def test_tiny_qwen2_passes_on_prepared_verl_data(tiny_qwen2_dir, tmp_path):
     assert table_row(stdout, "greedy divergences not at a near-tie") == ["0", "0", "ok"]
     assert table_row(stdout, "reward mismatches") == ["0", "0", "ok"]
     assert float(table_row(stdout, "GRPO grad norm ours / torch")[0]) > 0  # advantages not all 0
+    # compare's prompts are the files' contents, as verl tokenises them: the authors' ChatML
+    # strings as they are, plain text through the chat template.
+    ids, truths, _ = load_prompts(qwen2_tokenizer, tmp_path / "data", "test", 3, 2048, "chat")
+    if content == "authors' ChatML":
+        assert ids == [qwen2_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    else:
+        rendered = [qwen2_tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                                        add_generation_prompt=True, tokenize=False)
+                    for t in texts]
+        assert ids == [qwen2_tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
+    assert truths == [5, 2, 4]
 
 
 def test_tiny_qwen2_fails_with_zero_tolerance(tiny_qwen2_dir):

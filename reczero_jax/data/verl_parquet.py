@@ -22,6 +22,7 @@ from reczero_jax.data.sources.common import (
     parse_timestamp,
     require_file,
 )
+from reczero_jax.prompts import FORMAT_KEY, PROMPT_FORMATS, messages_format
 
 VERL_DATASET = "verl-parquet"
 VERL_REQUIRED = ("prompt", "reward_model")  # data_source, ability, extra_info are optional
@@ -41,6 +42,13 @@ AVG_IN_PROMPT = {
     for name, field in (("user_avg_rating", "user_avg_rating"),
                         ("item_avg_rating", "target_item_avg_rating"))
 }
+# --verl-prompt: "auto" renders each row as its content needs (prompts.messages_format): the
+# authors' whole ChatML strings verbatim, as their verl does, plain text through the template.
+VERL_PROMPTS = ("auto", *PROMPT_FORMATS)
+FORCED_NOTES = {  # a forced format that is not the one the content needs, counted per row
+    "verbatim": "plain-text prompt used verbatim (no chat turns around it)",
+    "template": "ChatML prompt rendered through the chat template (its turns wrapped twice)",
+}
 SPLIT_WORDS = {"train": "train", "val": "validation", "valid": "validation",
                "validation": "validation", "dev": "validation", "test": "test"}
 
@@ -48,11 +56,13 @@ SPLIT_WORDS = {"train": "train", "val": "validation", "valid": "validation",
 @dataclass
 class VerlTable:
     """Rows of verl parquet files as sample records, per split (``samples.SPLITS`` names), in
-    file and row order; ``files``: rows read per file."""
+    file and row order; ``files``: rows read per file; ``formats``: per file, kept rows by
+    prompt format ("verbatim" / "template", see ``prompts.messages_format``)."""
 
     records: dict[str, list[dict[str, Any]]]
     report: ReadReport
     files: dict[str, int]
+    formats: dict[str, dict[str, int]]
 
 
 def _split_word(text: Any) -> str | None:
@@ -65,8 +75,7 @@ def _split_word(text: Any) -> str | None:
 
 
 def _chat_messages(value: Any) -> list[dict[str, str]]:
-    """The prompt column: a non-empty list of {"role", "content"} messages (verl applies the
-    chat template to it)."""
+    """The prompt column: a non-empty list of {"role", "content"} messages."""
     if not isinstance(value, list | tuple) or not value:
         raise Skip("prompt is not a non-empty list of chat messages", f"prompt {value!r:.120}")
     messages = []
@@ -119,11 +128,26 @@ def _average(name: str, row: Mapping, extra: Mapping, messages, notes: list[str]
     return DEFAULT_AVG_RATING
 
 
-def _verl_record(row: Mapping, file_split: str | None, notes: list[str]) -> dict[str, Any]:
+def _prompt_format(messages: list[dict[str, str]], prompt: str, notes: list[str]) -> str:
+    """The row's prompt format under ``--verl-prompt prompt`` (``VERL_PROMPTS``)."""
+    needed = messages_format(messages)
+    if prompt == "auto" or prompt == needed:
+        return needed
+    if prompt == "verbatim" and len(messages) != 1:
+        raise Skip("verbatim prompt of more than one message",
+                   f"{len(messages)} messages; verl takes the one message's content as is")
+    notes.append(FORCED_NOTES[prompt])
+    return prompt
+
+
+def _verl_record(row: Mapping, file_split: str | None, prompt: str, notes: list[str]
+                 ) -> dict[str, Any]:
     """One verl row -> its sample record plus "split": the scalars of every sample (ids from
     extra_info or columns, "" when absent; timestamp 0 when absent), the chat messages as
-    ``prompt_messages``, both averages, and data_source, ability, extra_info as given."""
+    ``prompt_messages`` with their ``prompt_format`` (``_prompt_format``), both averages, and
+    data_source, ability, extra_info as given."""
     messages = _chat_messages(row.get("prompt"))
+    prompt_format = _prompt_format(messages, prompt, notes)
     rating = _ground_truth(row.get("reward_model"))
     extra = row.get("extra_info")
     if extra is not None and not isinstance(extra, Mapping):
@@ -151,6 +175,7 @@ def _verl_record(row: Mapping, file_split: str | None, notes: list[str]) -> dict
         "rating": rating,
         "timestamp": 0 if timestamp is None else parse_timestamp(timestamp),
         "prompt_messages": messages,
+        FORMAT_KEY: prompt_format,
         "user_avg_rating": _average("user_avg_rating", row, extra, messages, notes),
         "item_avg_rating": _average("item_avg_rating", row, extra, messages, notes),
         "data_source": row.get("data_source"),
@@ -159,21 +184,31 @@ def _verl_record(row: Mapping, file_split: str | None, notes: list[str]) -> dict
     }
 
 
-def read_verl_parquet(sources: Sequence[str | Path], report: ReadReport) -> VerlTable:
+def read_verl_parquet(sources: Sequence[str | Path], report: ReadReport, prompt: str = "auto"
+                      ) -> VerlTable:
     """The authors' verl parquet files -> sample records per split.
 
-    Columns: ``prompt`` (a list of chat messages, in their files one user message holding the
-    whole pre-formatted prompt), ``reward_model`` ({"style": "rule", "ground_truth": rating}),
-    and optionally ``data_source``, ``ability``, ``extra_info`` (a dict: split, index, maybe
-    user/item ids, timestamp and averages) and any other column (e.g. ``user_avg``). A file
+    Columns: ``prompt`` (a list of chat messages; in their files one message whose content is
+    the whole ChatML prompt: system turn, user turn, opened assistant turn), ``reward_model``
+    ({"style": "rule", "ground_truth": rating}), and optionally ``data_source``, ``ability``,
+    ``extra_info`` (a dict: split, index, maybe user/item ids, timestamp and averages) and any
+    other column (e.g. ``user_avg``). A file
     without ``prompt`` or ``reward_model`` is fatal; a bad row is skipped and counted by reason.
     A row's split comes from its file's name (``train.parquet``, ``music_val.parquet``), else
     from ``extra_info.split``.
+
+    ``prompt`` (``VERL_PROMPTS``) decides how each row's messages become its prompt: "auto"
+    (default) as the content needs (``prompts.messages_format``: a whole ChatML string is used
+    verbatim, as the authors' verl does; plain text goes through the chat template);
+    "verbatim" / "template" force one, counting the rows whose content needs the other.
     """
     import pyarrow.parquet as pq
 
+    if prompt not in VERL_PROMPTS:
+        raise ValueError(f"verl prompt {prompt!r}: use one of {', '.join(VERL_PROMPTS)}")
     records: dict[str, list[dict[str, Any]]] = {}
     files: dict[str, int] = {}
+    formats: dict[str, dict[str, int]] = {}
     for source in sources:
         path = require_file(Path(source), "verl parquet file", "pass --source FILE.parquet ...")
         try:
@@ -187,6 +222,7 @@ def read_verl_parquet(sources: Sequence[str | Path], report: ReadReport) -> Verl
                 f"optionally data_source, ability, extra_info; found {table.schema_arrow.names}"
             )
         file_split = _split_word(path.stem)
+        kept = formats[str(path)] = dict.fromkeys(PROMPT_FORMATS, 0)
         number = 0
         for batch in table.iter_batches(batch_size=4096):
             for row in batch.to_pylist():
@@ -194,12 +230,13 @@ def read_verl_parquet(sources: Sequence[str | Path], report: ReadReport) -> Verl
                 report.read["rows"] += 1
                 notes: list[str] = []
                 try:
-                    record = _verl_record(row, file_split, notes)
+                    record = _verl_record(row, file_split, prompt, notes)
                 except Skip as skip:
                     report.reject("rows", skip.reason, f"{path}: row {number}", skip.detail)
                     continue
                 for note in notes:
                     report.clean(note)
+                kept[record[FORMAT_KEY]] += 1
                 records.setdefault(record.pop("split"), []).append(record)
         files[str(path)] = number
-    return VerlTable(records, report, files)
+    return VerlTable(records, report, files, formats)
