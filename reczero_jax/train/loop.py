@@ -261,7 +261,7 @@ class Session:
         """Greedy evaluation on the validation split, logged as phase "val"."""
         if self._val_records is None:
             self._val_records = take_subset(load_split(self.config.data.dir, VAL_SPLIT),
-                                      self.config.data.eval_samples)
+                                            self.config.data.eval_samples)
         metrics = self._evaluate(model, self._val_records, "validation")["metrics"]
         self.log.write("val", step, metrics)
         return {"val_mae": metrics["mae"]}
