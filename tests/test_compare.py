@@ -1,6 +1,6 @@
 """`reczero compare` passes on a tiny random Qwen2 checkpoint (built-in prompts and prepared
-verl data in the authors' layout) and on SmolLM2-135M, fails when its tolerances are scaled to zero, and its
-re-statement of the authors' reward gives the hand-computed rewards."""
+verl data in the authors' layout) and on SmolLM2-135M, fails when its tolerances are scaled to
+zero, and its re-statement of the authors' reward gives the hand-computed rewards."""
 
 import argparse
 import contextlib
