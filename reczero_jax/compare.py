@@ -310,7 +310,7 @@ def our_greedy(ours, ids, mask, max_new_tokens: int, eos_ids, pad_id: int):
 
 def compare_logits(ours, theirs, prompts, pad_id: int, scale: float) -> list[Check]:
     """Ours on every prompt left-padded to the longest (one compiled shape), theirs unpadded."""
-    from reczero_jax.data.pipeline import left_pad
+    from reczero_jax.data.padding import left_pad
 
     forward = _jitted()[0]
     ids, mask = left_pad(prompts, max(map(len, prompts)), pad_id)
@@ -425,7 +425,7 @@ def compare_grpo(ours, theirs, decode, prompts, truths, greedy, probes, *, group
 
     from reczero_jax import grpo
     from reczero_jax.config import GRPOConfig, OptimConfig
-    from reczero_jax.data.pipeline import left_pad
+    from reczero_jax.data.padding import left_pad
     from reczero_jax.mesh import single_device_mesh
     from reczero_jax.train.step import Rollout, Trainer
 
@@ -483,7 +483,7 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
         raise ValueError("reczero compare runs the transformers side on torch, which is not "
                          "installed: pip install -e '.[dev]' (torch==2.13.0, CPU build)") from None
 
-    from reczero_jax.data.pipeline import default_pad_id, left_pad
+    from reczero_jax.data.padding import default_pad_id, left_pad
     from reczero_jax.models.hf import check_model_dir, from_pretrained
 
     check_model_dir(model_dir, "--model")

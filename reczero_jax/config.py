@@ -82,12 +82,16 @@ class ModelSection:
     remat: bool = False
 
 
+DATA_SUBSETS = ("random", "first")  # data.subset: how data.train_samples are chosen
+
+
 @dataclasses.dataclass
 class DataSection:
     dir: str = "artifacts/ml100k"  # prepared by `reczero data prepare`
     layout: str = "chat"  # LAYOUTS
     max_prompt_tokens: int = 1024
     train_samples: int = 0  # 0: the whole train split
+    subset: str = "random"  # which train_samples: a seed-ed random subset, or "first" (earliest)
     eval_samples: int = 64  # per evaluation (0: the whole split)
     eval_split: str = "test"
 

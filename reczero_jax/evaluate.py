@@ -18,7 +18,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reczero_jax import distributed
-from reczero_jax.data.pipeline import default_pad_id, make_pipeline
+from reczero_jax.data.padding import default_pad_id
+from reczero_jax.data.pipeline import make_pipeline
 from reczero_jax.models.decoder import Decoder
 from reczero_jax.rewards import TokenRewardFn, rating_metrics
 from reczero_jax.sampling import generate

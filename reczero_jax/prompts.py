@@ -67,6 +67,12 @@ target_item (the item's features, then the latest ratings and reviews other user
 target_item_avg_rating (the mean of all its earlier ratings)."""
 
 MESSAGES_KEY = "prompt_messages"  # a sample with ready chat messages (see encode_prompt)
+# How a sample's ready messages become its prompt (``_encode_messages``): "verbatim", the first
+# message's content tokenised as is (the authors' verl rl_dataset: their content is already a
+# whole ChatML string); "template", the messages through the tokenizer's chat template.
+FORMAT_KEY = "prompt_format"
+PROMPT_FORMATS = ("verbatim", "template")
+CHAT_TURN = "<|im_start|>"  # a content that starts with it is a whole ChatML prompt
 
 SUMMARY_CHARS = 200  # PAPER.md: the user's review summary is cut at 200 characters
 DESCRIPTION_CHARS = 400  # PAPER.md: item descriptions are cut at 400 characters
@@ -371,14 +377,33 @@ def encode_prompt(
     return EncodedPrompt(ids=ids, trimmed=True, text=text)
 
 
+def messages_format(messages: Sequence[Mapping[str, str]]) -> str:
+    """The ``PROMPT_FORMATS`` entry ready ``messages`` need: "verbatim" when there is one message
+    and its content is already a whole ChatML prompt (starts with ``CHAT_TURN``, as the authors'
+    ``make_prefix`` strings: system turn, user turn, opened assistant turn), else "template"."""
+    if len(messages) == 1 and messages[0]["content"].lstrip().startswith(CHAT_TURN):
+        return "verbatim"
+    return "template"
+
+
 def _encode_messages(sample: Mapping[str, Any], tokenizer, max_prompt_tokens: int) -> EncodedPrompt:
     """A sample that carries its own chat messages (``MESSAGES_KEY``: the authors' verl parquet
-    rows, ``reczero_jax.data.verl``) is rendered as verl renders it: the tokenizer's chat
-    template over those messages with the generation prompt, whatever the layout. Its text is
-    fixed, so a prompt over budget is an error, never trimmed."""
-    text = tokenizer.apply_chat_template(
-        list(sample[MESSAGES_KEY]), add_generation_prompt=True, tokenize=False
-    )
+    rows, ``reczero_jax.data.verl``) is rendered as its ``FORMAT_KEY`` says (when absent, as
+    ``messages_format`` finds), whatever the layout: "verbatim", the one message's content
+    tokenised as is, as the authors' verl does; "template", the tokenizer's chat template over
+    the messages with the generation prompt. Its text is fixed, so a prompt over budget is an
+    error, never trimmed."""
+    messages = list(sample[MESSAGES_KEY])
+    how = sample.get(FORMAT_KEY) or messages_format(messages)
+    if how == "verbatim":
+        if len(messages) != 1:
+            raise ValueError(f"a verbatim prompt is one message, got {len(messages)} (user "
+                             f"{sample.get('user_id')!r}, item {sample.get('item_id')!r})")
+        text = messages[0]["content"]
+    elif how == "template":
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        raise ValueError(f"{FORMAT_KEY}={how!r}: use one of {', '.join(PROMPT_FORMATS)}")
     ids = _tokenize(text, tokenizer)
     if len(ids) > max_prompt_tokens:
         raise ValueError(

@@ -1,6 +1,6 @@
 """`reczero compare` passes on a tiny random Qwen2 checkpoint (built-in prompts and prepared
-verl data) and on SmolLM2-135M, fails when its tolerances are scaled to zero, and its
-re-statement of the authors' reward gives the hand-computed rewards."""
+verl data in the authors' layout) and on SmolLM2-135M, fails when its tolerances are scaled to
+zero, and its re-statement of the authors' reward gives the hand-computed rewards."""
 
 import argparse
 import contextlib
@@ -12,8 +12,9 @@ import pytest
 import torch
 import transformers
 
-from reczero_jax.compare import PROBES, authors_reward, register
+from reczero_jax.compare import PROBES, authors_reward, load_prompts, register
 from reczero_jax.data.verl import VerlConfig, prepare_verl
+from reczero_jax.prompts import INSTRUCTION
 from reczero_jax.rewards import rating_reward
 
 # PROBES' rewards worked out by hand from PAPER.md's rule: 2 - |pred - y| / 2, or -1.
@@ -72,24 +73,57 @@ def test_authors_rules_and_ours_give_the_hand_computed_probe_rewards():
     assert tuple(rating_reward(text, y).reward for text, y in PROBES) == PROBE_REWARDS
 
 
-def test_tiny_qwen2_passes_on_prepared_verl_data(tiny_qwen2_dir, tmp_path):
+VERL_TEXTS = ["user_history: 1. Heat, 4.0;\n\nuser_avg_rating: 4.0\n\ntarget_item: Casino",
+              "user_history: 1. Emma, 2.0;\n\nuser_avg_rating: 2.0\n\ntarget_item: Persuasion",
+              "user_history: 1. Fargo, 5.0;\n\nuser_avg_rating: 5.0\n\ntarget_item: Heat"]
+# The authors' layout: their make_prefix ChatML string (system turn, user turn, opened assistant
+# turn) as the one message, ground truths as integer strings, extra_info with split and index.
+AUTHORS_TEXTS = [f"<|im_start|>system\n{INSTRUCTION}<|im_end|>\n<|im_start|>user\n{t}<|im_end|>\n"
+                 "<|im_start|>assistant\n" for t in VERL_TEXTS]
+
+
+def prepared_verl(directory, texts, authors: bool):
+    """A prepared verl dataset (test split) of ``texts`` rated 5, 2, 4."""
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
-    texts = ["user_history: 1. Heat, 4.0;\n\nuser_avg_rating: 4.0\n\ntarget_item: Casino",
-             "user_history: 1. Emma, 2.0;\n\nuser_avg_rating: 2.0\n\ntarget_item: Persuasion",
-             "user_history: 1. Fargo, 5.0;\n\nuser_avg_rating: 5.0\n\ntarget_item: Heat"]
+    columns = {"reward_model": [{"style": "rule", "ground_truth": y} for y in (5, 2, 4)]}
+    if authors:
+        columns = {"reward_model": [{"style": "rule", "ground_truth": str(y)} for y in (5, 2, 4)],
+                   "extra_info": [{"split": "test", "index": i} for i in range(3)]}
     table = pa.table({
         "prompt": pa.array([[{"role": "user", "content": t}] for t in texts], pa.list_(message)),
-        "reward_model": [{"style": "rule", "ground_truth": y} for y in (5, 2, 4)]})
-    pq.write_table(table, tmp_path / "test.parquet")
-    prepare_verl(VerlConfig.of([tmp_path / "test.parquet"]), tmp_path / "data")
-    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", tmp_path / "data",
+        **columns})
+    directory.mkdir()
+    pq.write_table(table, directory / "test.parquet")
+    prepare_verl(VerlConfig.of([directory / "test.parquet"]), directory / "data")
+    return directory / "data"
+
+
+def test_tiny_qwen2_passes_on_verl_data_in_the_authors_layout(tiny_qwen2_dir, tmp_path,
+                                                              qwen2_tokenizer):
+    data = prepared_verl(tmp_path / "authors", AUTHORS_TEXTS, authors=True)
+    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", data,
                                  "--n", 3, "--max-new-tokens", 8, "--group-size", 3)
     assert status == 0, stdout
     assert stdout.rstrip().endswith("result: PASS")
-    assert f"inputs: 3 test samples of {tmp_path / 'data'}" in stdout
+    assert f"inputs: 3 test samples of {data}" in stdout
     assert table_row(stdout, "greedy divergences not at a near-tie") == ["0", "0", "ok"]
     assert table_row(stdout, "reward mismatches") == ["0", "0", "ok"]
     assert float(table_row(stdout, "GRPO grad norm ours / torch")[0]) > 0  # advantages not all 0
+    # compare's prompts are the contents tokenised as they are, as the authors' verl does.
+    ids, truths, _ = load_prompts(qwen2_tokenizer, data, "test", 3, 2048, "chat")
+    assert ids == [qwen2_tokenizer(t, add_special_tokens=False)["input_ids"]
+                   for t in AUTHORS_TEXTS]
+    assert truths == [5, 2, 4]
+
+
+def test_plain_text_verl_prompts_go_through_the_chat_template(tmp_path, qwen2_tokenizer):
+    data = prepared_verl(tmp_path / "plain", VERL_TEXTS, authors=False)
+    ids, truths, _ = load_prompts(qwen2_tokenizer, data, "test", 3, 2048, "chat")
+    rendered = [qwen2_tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                                    add_generation_prompt=True, tokenize=False)
+                for t in VERL_TEXTS]
+    assert ids == [qwen2_tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
+    assert truths == [5, 2, 4]
 
 
 def test_tiny_qwen2_fails_with_zero_tolerance(tiny_qwen2_dir):

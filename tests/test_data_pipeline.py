@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from reczero_jax import prompts
+from reczero_jax.data.padding import left_pad
 from reczero_jax.data.pipeline import (
     bucket_for,
-    left_pad,
     length_buckets,
     make_pipeline,
     prompt_length_stats,

@@ -9,13 +9,9 @@ import pytest
 from reczero_jax import prompts
 from reczero_jax.data import load_split
 from reczero_jax.data.pipeline import make_pipeline
-from reczero_jax.data.sources import (
-    DEFAULT_AVG_RATING,
-    DataError,
-    ReadReport,
-    read_verl_parquet,
-)
+from reczero_jax.data.sources import DataError, ReadReport
 from reczero_jax.data.tfds_builder import load_metadata
+from reczero_jax.data.verl_parquet import DEFAULT_AVG_RATING, read_verl_parquet
 from tests.test_data_cli import run_cli
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -153,3 +149,89 @@ def test_prepare_caps_a_split_and_rejects_a_verl_run_without_source(verl_files, 
     assert len(load_split(tmp_path, "train")) == 2
     with pytest.raises(SystemExit, match="needs --source"):
         run_cli("--dataset", "verl-parquet", "--out", tmp_path / "none", "--tokenizer", "none")
+
+
+# The authors' layout exactly: their make_prefix ChatML string (system turn, user turn, opened
+# assistant turn) as the one message, ground_truth an integer string, extra_info split + index.
+AUTHORS_SAMPLE = {"user_id": "u1", "item_id": "i1", "rating": 4, "user_avg_rating": 3.5,
+                  "item_avg_rating": 4.25, "item": {"title": "Heat (1995)"},
+                  "user_history": [{"item_id": "i0", "title": "Casino (1995)", "rating": 5}],
+                  "item_history": [{"user_id": "u0", "rating": 4}]}
+AUTHORS_PROMPT = prompts.build_raw_prompt(AUTHORS_SAMPLE)
+
+
+def write_authors_file(path, contents, truths):
+    schema = pa.schema([
+        ("data_source", pa.string()), ("prompt", pa.list_(MESSAGE)), ("ability", pa.string()),
+        ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+        ("extra_info", pa.struct([("split", pa.string()), ("index", pa.int64())]))])
+    rows = [{"data_source": "rec_rate", "prompt": [{"role": "user", "content": content}],
+             "ability": "rec_rate", "reward_model": {"style": "rule", "ground_truth": truth},
+             "extra_info": {"split": path.stem, "index": index}}
+            for index, (content, truth) in enumerate(zip(contents, truths, strict=True))]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def test_authors_chatml_prompts_are_tokenised_verbatim(tmp_path, qwen2_tokenizer):
+    assert AUTHORS_PROMPT.startswith("<|im_start|>system\n")
+    assert AUTHORS_PROMPT.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    source = write_authors_file(tmp_path / "train.parquet", [AUTHORS_PROMPT] * 2, ["4", "2"])
+    status, stdout, _ = run_cli("--dataset", "verl-parquet", "--source", source,
+                                "--out", tmp_path / "out", "--tokenizer", "none")
+    assert status == 0
+    assert "prompts: --verl-prompt auto" in stdout
+    assert f"{source}: 2 rows; prompts kept: 2 verbatim" in stdout and "0 through the" in stdout
+    train = list(load_split(tmp_path / "out", "train"))
+    assert [r["rating"] for r in train] == [4, 2] and train[0]["prompt_format"] == "verbatim"
+    assert (train[0]["user_avg_rating"], train[0]["item_avg_rating"]) == (3.5, 4.25)
+
+    # verl's rl_dataset: prompt[0]["content"] tokenised as is, no chat template around it.
+    expected = qwen2_tokenizer(AUTHORS_PROMPT, add_special_tokens=False)["input_ids"]
+    encoded = prompts.encode_prompt(train[0], qwen2_tokenizer, max_prompt_tokens=2048)
+    assert encoded.text == AUTHORS_PROMPT and encoded.ids == expected
+    assert encoded.text.count("<|im_start|>") == 3  # not wrapped a second time
+    # ... and the same ids reach training and evaluation through the grain pipeline.
+    batch = next(iter(make_pipeline(load_split(tmp_path / "out", "train"), qwen2_tokenizer,
+                                    global_batch_size=2, max_prompt_tokens=2048, shuffle=False,
+                                    process_index=0, process_count=1)))
+    row = batch["prompt_ids"][0][batch["prompt_mask"][0] == 1]
+    assert row.tolist() == expected
+
+
+def prompt_notes(report):
+    """The cleaned notes of a report but those about averages (these rows state none)."""
+    return {note: n for note, n in report.cleaned.items() if "avg_rating" not in note}
+
+
+def test_verl_prompt_format_can_be_forced_and_mismatches_are_counted(tmp_path, qwen2_tokenizer):
+    plain = "user_history: 1. Heat, 4.0;\n\ntarget_item: Casino"
+    source = write_authors_file(tmp_path / "test.parquet", [AUTHORS_PROMPT, plain], ["4", "3"])
+    auto = read_verl_parquet([source], ReadReport())
+    assert [r["prompt_format"] for r in auto.records["test"]] == ["verbatim", "template"]
+    assert auto.formats == {str(source): {"verbatim": 1, "template": 1}}
+    assert prompt_notes(auto.report) == {}
+    encoded = prompts.encode_prompt(auto.records["test"][1], qwen2_tokenizer,
+                                    max_prompt_tokens=512)
+    assert encoded.text == qwen2_tokenizer.apply_chat_template(
+        [{"role": "user", "content": plain}], add_generation_prompt=True, tokenize=False)
+
+    forced = read_verl_parquet([source], ReadReport(), prompt="template")
+    assert [r["prompt_format"] for r in forced.records["test"]] == ["template", "template"]
+    assert prompt_notes(forced.report) == {
+        "ChatML prompt rendered through the chat template (its turns wrapped twice)": 1}
+    verbatim = read_verl_parquet([source], ReadReport(), prompt="verbatim")
+    assert prompt_notes(verbatim.report) == {
+        "plain-text prompt used verbatim (no chat turns around it)": 1}
+    assert prompts.encode_prompt(verbatim.records["test"][1], qwen2_tokenizer,
+                                 max_prompt_tokens=512).text == plain
+    with pytest.raises(ValueError, match="use one of auto, verbatim, template"):
+        read_verl_parquet([source], ReadReport(), prompt="chat")
+
+
+def test_samples_prepared_before_prompt_format_are_rendered_as_their_content_needs(
+        qwen2_tokenizer):
+    record = {"user_id": "", "item_id": "",
+              "prompt_messages": [{"role": "user", "content": AUTHORS_PROMPT}]}
+    assert prompts.encode_prompt(record, qwen2_tokenizer,
+                                 max_prompt_tokens=2048).text == AUTHORS_PROMPT

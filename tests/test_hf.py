@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from reczero_jax import mesh as meshlib
-from reczero_jax.data.pipeline import left_pad
+from reczero_jax.data.padding import left_pad
 from reczero_jax.models.hf import from_pretrained, save_pretrained
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,

@@ -25,7 +25,7 @@ def test_program_writes_its_run_directory(algorithm, tiny_model_dir, small_ml100
     config = load_config(None, [f"train.checkpoint_dir={checkpoint_dir}",
         f"algorithm={algorithm}", f"run_dir={run_dir}", f"model.path={tiny_model_dir}",
         f"data.dir={small_ml100k}", "data.max_prompt_tokens=512", "data.eval_samples=2",
-        "sft.steps=1", "sft.batch_size=2", "sft.max_response_tokens=32", "grpo.group_size=2",
+        "sft.steps=1", "sft.batch_size=2", "sft.max_response_tokens=256", "grpo.group_size=2",
         "grpo.max_new_tokens=8", "train.steps=1", "train.prompts_per_step=2",
         "train.eval_max_new_tokens=8", "train.eval_batch_size=2"])
     results = run(config)

@@ -38,7 +38,7 @@ def overrides(model_dir, data_dir, run_dir, checkpoint_dir) -> list[str]:
     settings = {"algorithm": "recone", "run_dir": run_dir, "train.checkpoint_dir": checkpoint_dir,
                 "model.path": model_dir, "data.dir": data_dir, "data.max_prompt_tokens": 512,
                 "data.eval_samples": 3, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
-                "sft.batch_size": 4, "sft.max_response_tokens": 32, "sft.learning_rate": 1e-3,
+                "sft.batch_size": 4, "sft.max_response_tokens": 256, "sft.learning_rate": 1e-3,
                 # A random model's answers all get the format penalty, so the advantages are 0:
                 # an entropy bonus makes the GRPO update depend on the sampled tokens.
                 "grpo.group_size": 2, "grpo.max_new_tokens": 8, "grpo.entropy_coef": 0.01,

@@ -37,7 +37,7 @@ def tiny_run(run_dir, model_dir, data_dir, *extra):
     return [f"run_dir={run_dir}", f"model.path={model_dir}", f"data.dir={data_dir}",
             "data.max_prompt_tokens=512", "data.eval_samples=2", "grpo.group_size=2",
             "grpo.max_new_tokens=8", "train.prompts_per_step=2", "train.eval_max_new_tokens=8",
-            "train.eval_batch_size=2", "sft.batch_size=2", "sft.max_response_tokens=32", *extra]
+            "train.eval_batch_size=2", "sft.batch_size=2", "sft.max_response_tokens=256", *extra]
 
 
 def start_train(tmp_path, name, overrides):

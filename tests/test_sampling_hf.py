@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from reczero_jax.data.pipeline import left_pad
+from reczero_jax.data.padding import left_pad
 from reczero_jax.models.hf import from_pretrained
 from reczero_jax.sampling import generate
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from reczero_jax.config import LAYOUTS
 from reczero_jax.data.samples import SPLIT_MODES, SPLITS, SampleConfig
-from reczero_jax.data.sources import DATASETS, ON_ERROR, VERL_DATASET
+from reczero_jax.data.sources import DATASETS, ON_ERROR
+from reczero_jax.data.verl_parquet import VERL_DATASET, VERL_PROMPTS
 
 PICKLE_HELP = (
     "allow reading a --dataset table stored as a pickle (.pkl). Off by default because "
@@ -80,6 +81,16 @@ def register(subparsers) -> None:
         metavar="SPLIT=N",
         help="keep a seeded random N samples of SPLIT (repeatable): e.g. --max-samples "
         "train=16000 --max-samples test=1000, the paper's sizes",
+    )
+    prepare.add_argument(
+        "--verl-prompt",
+        choices=VERL_PROMPTS,
+        default="auto",
+        help="verl-parquet only: how a row's prompt messages become the model's prompt. auto "
+        "(default): a content that is already a whole ChatML string (the authors' files: "
+        "system turn, user turn, opened assistant turn) is tokenised verbatim, as their verl "
+        "does; plain text goes through the tokenizer's chat template. verbatim / template "
+        "force one; the report says what each file needs",
     )
     prepare.add_argument("--seed", type=int, default=0, help="seed for --max-samples and lengths")
     prepare.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
@@ -175,8 +186,12 @@ def _rejections(report: dict, cleaned_as: str) -> list[str]:
 
 def format_verl_report(report: dict) -> str:
     """The counts of a verl-parquet prepare run, one fact per line."""
-    lines = [f"dataset: {report['dataset']}"]
-    lines.extend(f"  {path}: {rows} rows" for path, rows in report["files"].items())
+    lines = [f"dataset: {report['dataset']}  prompts: --verl-prompt {report['prompt']}"]
+    for path, rows in report["files"].items():
+        kept = report["prompt_formats"][path]
+        lines.append(f"  {path}: {rows} rows; prompts kept: {kept['verbatim']} verbatim (a "
+                     f"whole ChatML string, tokenised as is), {kept['template']} through the "
+                     f"chat template")
     lines.append(f"rows read: {report['rows_read']}  rejected: {sum(report['rejected'].values())}")
     lines.extend(_rejections(report, cleaned_as="kept, with a field filled in:"))
     counts = "  ".join(f"{name}: {count}" for name, count in report["samples"].items())
@@ -220,7 +235,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, bool, str]:
         if not args.source:
             raise ValueError(f"--dataset {VERL_DATASET} needs --source FILE.parquet [FILE ...]")
         config = VerlConfig.of(args.source, on_error=args.on_error, seed=args.seed,
-                               max_samples=parse_max_samples(args.max_samples))
+                               max_samples=parse_max_samples(args.max_samples),
+                               prompt=args.verl_prompt)
         version_dir, reused = prepare_verl(config, args.out, overwrite=args.overwrite)
         return version_dir, reused, format_verl_report(load_metadata(version_dir)["report"])
     if args.source and len(args.source) > 1:

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reczero_jax import prompts
+from reczero_jax.data.padding import default_pad_id, left_pad
 
 
 def length_buckets(max_prompt_tokens: int, smallest: int = 256) -> tuple[int, ...]:
@@ -59,19 +60,6 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
         f"a prompt of {length} tokens is longer than the largest bucket {max(buckets)}: "
         "make the largest bucket at least max_prompt_tokens"
     )
-
-
-def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int):
-    """``rows`` right-aligned in a [len(rows), length] int32 array; returns (ids, mask)."""
-    ids = np.full((len(rows), length), pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), length), dtype=np.int32)
-    for row, tokens in enumerate(rows):
-        if len(tokens) > length:
-            raise ValueError(f"row {row} has {len(tokens)} tokens, more than the length {length}")
-        if len(tokens):
-            ids[row, length - len(tokens) :] = tokens
-            mask[row, length - len(tokens) :] = 1
-    return ids, mask
 
 
 def read_records(source: Sequence[dict], indices: Sequence[int]) -> list[dict]:
@@ -121,14 +109,6 @@ class BatchEncoder:
             "trimmed": np.array([prompt.trimmed for prompt in encoded[rows]], dtype=bool),
             "valid": valid[rows],
         }
-
-
-def default_pad_id(tokenizer) -> int:
-    """The tokenizer's pad token, else its end-of-sequence token (the mask marks padding)."""
-    for pad_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if pad_id is not None:
-            return int(pad_id)
-    raise ValueError("the tokenizer has neither a pad nor an eos token: pass pad_id")
 
 
 def make_pipeline(

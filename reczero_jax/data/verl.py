@@ -1,12 +1,14 @@
 """The authors' verl parquet files -> TFDS sample splits that ``load_split`` reads.
 
 A verl row is a ready prompt (a list of chat messages) with its ground-truth rating, not an
-interaction, so no histories are built: each kept row (``sources.read_verl_parquet``) is one
+interaction, so no histories are built: each kept row (``verl_parquet.read_verl_parquet``) is one
 sample. Records have the scalars of every sample (user_id, item_id, rating, timestamp) and a
-JSON ``context`` holding ``prompt_messages``, ``user_avg_rating``, ``item_avg_rating``,
-``data_source``, ``ability`` and ``extra_info``; ``prompts.encode_prompt`` renders
-``prompt_messages`` through the tokenizer's chat template with the generation prompt, as verl
-does, so training sees the identical prompt. Layout on disk: the one of
+JSON ``context`` holding ``prompt_messages``, ``prompt_format``, ``user_avg_rating``,
+``item_avg_rating``, ``data_source``, ``ability`` and ``extra_info``. ``prompts.encode_prompt``
+renders ``prompt_messages`` as ``prompt_format`` says: the authors' whole ChatML strings
+verbatim, tokenised as is (as their verl ``rl_dataset.py`` does), plain text through the
+tokenizer's chat template; so training, evaluation and ``reczero compare`` see the identical
+prompt. Layout on disk: the one of
 ``tfds_builder`` (``OUT/reczero_samples/verl_parquet/1.0.0/``), with the read report and the
 options in ``metadata.json``.
 """
@@ -22,8 +24,9 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from reczero_jax.data.samples import SPLITS
-from reczero_jax.data.sources import VERL_DATASET, DataError, ReadReport, read_verl_parquet
+from reczero_jax.data.sources import DataError, ReadReport
 from reczero_jax.data.tfds_builder import BUILDER_NAME, ReczeroSamples, config_name, prepare
+from reczero_jax.data.verl_parquet import VERL_DATASET, read_verl_parquet
 
 SCALARS = ("user_id", "item_id", "rating", "timestamp")
 
@@ -31,10 +34,11 @@ SCALARS = ("user_id", "item_id", "rating", "timestamp")
 @dataclasses.dataclass(eq=False)
 class VerlConfig(tfds.core.BuilderConfig):
     """verl parquet ``sources``; ``max_samples``: (split, n) pairs keeping a ``seed``-ed random
-    n rows of a split, in file order."""
+    n rows of a split, in file order; ``prompt``: ``verl_parquet.VERL_PROMPTS``."""
 
     sources: tuple[str, ...] = ()
     on_error: str = "skip"
+    prompt: str = "auto"
     max_samples: tuple[tuple[str, int], ...] = ()
     seed: int = 0
 
@@ -46,8 +50,8 @@ class VerlConfig(tfds.core.BuilderConfig):
         """The options that decide the output, as JSON (stored in metadata.json)."""
         return {"dataset": VERL_DATASET,
                 "sources": [str(Path(source).resolve()) for source in self.sources],
-                "on_error": self.on_error, "max_samples": dict(self.max_samples),
-                "seed": self.seed}  # fmt: skip
+                "on_error": self.on_error, "prompt": self.prompt,
+                "max_samples": dict(self.max_samples), "seed": self.seed}  # fmt: skip
 
 
 def _encode(record: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +69,8 @@ class VerlSamples(ReczeroSamples, skip_registration=True):
     def _split_generators(self, dl_manager):
         del dl_manager  # local files only
         config: VerlConfig = self.builder_config
-        table = read_verl_parquet(config.sources, ReadReport(on_error=config.on_error))
+        table = read_verl_parquet(config.sources, ReadReport(on_error=config.on_error),
+                                  prompt=config.prompt)
         available = {split: len(table.records.get(split, [])) for split in SPLITS}
         rng = random.Random(config.seed)
         splits = {}
@@ -77,7 +82,8 @@ class VerlSamples(ReczeroSamples, skip_registration=True):
             splits[split] = rows
         report = table.report.to_dict()
         self.info.metadata["report"] = {
-            "dataset": VERL_DATASET, "files": table.files, "rows_read": table.report.read["rows"],
+            "dataset": VERL_DATASET, "files": table.files, "prompt": config.prompt,
+            "prompt_formats": table.formats, "rows_read": table.report.read["rows"],
             "rejected": report["rejected"], "examples": report["examples"],
             "cleaned": report["cleaned"], "samples_available": available,
             "samples": {split: len(rows) for split, rows in splits.items()},

@@ -5,7 +5,8 @@
 * ``generate_traces(model, tokenizer, samples, ...)``: a teacher LLM's traces with one
   rationalisation retry (``traces.teacher``; rules and the hint text in ``traces.rules``).
 * ``load_traces(path, samples)`` / ``validate_traces``: JSON-lines trace files checked against
-  the samples and the format rule (``traces.io``); ``write_traces``.
+  the samples and the format rule (``traces.io``); ``write_traces``; ``sft_responses(records,
+  source)``: the warm start's response per record (template traces or a trace file's).
 * ``reczero traces generate | import``: ``traces.cli``.
 
 Names are imported on first use, so that ``reczero --help`` (which imports ``traces.cli``)
@@ -19,7 +20,7 @@ import importlib
 _HOMES = {
     "template_rating": "template", "template_trace": "template", "template_records": "template",
     "generate_traces": "teacher", "with_hint": "teacher",
-    "load_traces": "io", "validate_traces": "io", "write_traces": "io",
+    "load_traces": "io", "validate_traces": "io", "write_traces": "io", "sft_responses": "io",
     "ValidationReport": "io",
     "RATING_HINT": "rules", "judge": "rules", "trace_outcome": "rules",
 }

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reczero_jax.traces.rules import BAD_FORMAT, OK, WRONG_RATING, judge
+from reczero_jax.traces.template import template_trace
 
 REQUIRED_FIELDS = ("user_id", "item_id", "response")
 REJECT_REASONS = ("bad_json", "missing_field", "unknown_sample", "bad_format", "wrong_rating",
@@ -131,6 +132,18 @@ def load_traces(path: str | Path, samples: Iterable[dict[str, Any]]
     """Valid traces of ``path`` keyed by (user_id, item_id), and ``ValidationReport.counts()``."""
     records, report = validate_traces(path, samples)
     return {sample_key(r): r["response"] for r in records}, report.counts()
+
+
+def sft_responses(records: Sequence[dict[str, Any]], source: str) -> dict[int, str]:
+    """The warm start's response per record index: the built-in template trace of every record
+    (``source == "template"``), else the valid trace of ``source`` (a trace file) for each
+    record that has one; the file's counts are printed."""
+    if source == "template":
+        return {i: template_trace(record) for i, record in enumerate(records)}
+    loaded, counts = load_traces(source, records)
+    print(f"[reczero] traces from {source}: {counts}")
+    return {i: loaded[sample_key(record)] for i, record in enumerate(records)
+            if sample_key(record) in loaded}
 
 
 def write_traces(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

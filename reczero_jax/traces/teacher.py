@@ -25,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reczero_jax import prompts
-from reczero_jax.data.pipeline import default_pad_id, left_pad
+from reczero_jax.data.padding import default_pad_id, left_pad
 from reczero_jax.models.decoder import Decoder
 from reczero_jax.sampling import generate
 from reczero_jax.traces.rules import (

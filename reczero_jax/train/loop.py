@@ -45,11 +45,14 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from reczero_jax import distributed, prompts, traces
+from reczero_jax import distributed, traces
 from reczero_jax.baselines import markdown_table
 from reczero_jax.config import ExperimentConfig, OptimConfig, save_config
 from reczero_jax.data import load_split
-from reczero_jax.data.pipeline import default_pad_id, make_pipeline
+from reczero_jax.data.padding import default_pad_id
+from reczero_jax.data.pipeline import make_pipeline
+from reczero_jax.data.sft import sft_batch, sft_examples
+from reczero_jax.data.subset import take_subset
 from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
 from reczero_jax.mesh import make_mesh
 from reczero_jax.models import from_pretrained
@@ -215,11 +218,6 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _take(records: Sequence[dict], limit: int) -> list[dict]:
-    count = len(records) if limit <= 0 else min(limit, len(records))
-    return [records[i] for i in range(count)]
-
-
 class Session:
     """What the phases of one run share: config, mesh, tokenizer, data, logs, checkpoints."""
 
@@ -235,9 +233,11 @@ class Session:
                                           param_dtype=jax_dtype(config.model.param_dtype),
                                           mesh=self.mesh)
         self.base_model.remat = config.model.remat
-        self.train_records = _take(load_split(config.data.dir, "train"), config.data.train_samples)
-        self.eval_records = _take(load_split(config.data.dir, config.data.eval_split),
-                                  config.data.eval_samples)
+        self.train_records = take_subset(load_split(config.data.dir, "train"),
+                                         config.data.train_samples, config.data.subset,
+                                         config.seed)
+        self.eval_records = take_subset(load_split(config.data.dir, config.data.eval_split),
+                                        config.data.eval_samples)
         self.reward_fn = TokenRewardFn(self.tokenizer, kind=config.train.reward)
         self.eos_ids = tuple(sorted(set(self.base_model.config.eos_token_ids)
                                     | {self.tokenizer.eos_token_id}))
@@ -269,8 +269,8 @@ class Session:
     def validate(self, model, step: int) -> dict[str, float]:
         """Greedy evaluation on the validation split, logged as phase "val"."""
         if self._val_records is None:
-            self._val_records = _take(load_split(self.config.data.dir, VAL_SPLIT),
-                                      self.config.data.eval_samples)
+            self._val_records = take_subset(load_split(self.config.data.dir, VAL_SPLIT),
+                                            self.config.data.eval_samples)
         metrics = self._evaluate(model, self._val_records, "validation")["metrics"]
         self.log.write("val", step, metrics)
         return {"val_mae": metrics["mae"]}
@@ -333,7 +333,11 @@ class Session:
         ``resume``: continue from the newest checkpoint (of this phase). Returns the policy
         and the step it stopped at on SIGTERM (0 when the phase ran to its end)."""
         config = self.config
-        examples = sft_examples(self.train_records, self.tokenizer, config)
+        examples = sft_examples(self.train_records,
+                                traces.sft_responses(self.train_records, config.sft.traces),
+                                self.tokenizer, max_prompt_tokens=config.data.max_prompt_tokens,
+                                layout=config.data.layout,
+                                max_response_tokens=config.sft.max_response_tokens)
         optim = OptimConfig(**{**dataclasses.asdict(config.optim),
                                "learning_rate": config.sft.learning_rate, "micro_batches": 1})
         trainer = Trainer(model, self.mesh, optim)
@@ -422,50 +426,6 @@ class Session:
         stopped = self.train_steps(phase, trainer, start, guard, step_fn,
                                    lambda: ({"rollout": key}, batches.get_state()))
         return trainer.model, stopped
-
-
-# ----------------------------------------------------------------------------- SFT data
-
-
-def sft_examples(records: Sequence[dict], tokenizer, config: ExperimentConfig
-                 ) -> list[tuple[list[int], int]]:
-    """(prompt + response + end-of-turn ids, prompt length) per record with a trace."""
-    if config.sft.traces == "template":
-        responses = {i: traces.template_trace(r) for i, r in enumerate(records)}
-    else:
-        loaded, counts = traces.load_traces(config.sft.traces, records)
-        print(f"[reczero] traces from {config.sft.traces}: {counts}")
-        responses = {i: loaded[(str(r["user_id"]), str(r["item_id"]))]
-                     for i, r in enumerate(records)
-                     if (str(r["user_id"]), str(r["item_id"])) in loaded}
-    examples = []
-    for i, response in responses.items():
-        prompt = prompts.encode_prompt(records[i], tokenizer,
-                                       max_prompt_tokens=config.data.max_prompt_tokens,
-                                       layout=config.data.layout).ids
-        answer = tokenizer.encode(response, add_special_tokens=False)
-        answer = answer[: config.sft.max_response_tokens - 1] + [tokenizer.eos_token_id]
-        examples.append((prompt + answer, len(prompt)))
-    if not examples:
-        raise ValueError("no SFT examples: no trace matched a training sample")
-    return examples
-
-
-def sft_batch(examples, index: int, batch_size: int, length: int, pad_id: int, seed: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batch ``index``: right-padded [B, length] ids, attention mask and loss mask (response
-    tokens) of B distinct examples drawn from the generator seeded by (seed, index) alone, so
-    any batch is reproduced from its index (exact resume). One length: one compilation."""
-    rng = np.random.default_rng([seed, index])
-    chosen = [examples[i] for i in rng.permutation(len(examples))[:batch_size]]
-    ids = np.full((len(chosen), length), pad_id, np.int32)
-    mask = np.zeros((len(chosen), length), np.int32)
-    loss_mask = np.zeros((len(chosen), length), np.int32)
-    for row, (tokens, prompt_length) in enumerate(chosen):
-        ids[row, : len(tokens)] = tokens
-        mask[row, : len(tokens)] = 1
-        loss_mask[row, prompt_length: len(tokens)] = 1
-    return ids, mask, loss_mask
 
 
 def rollout_metrics(scored, ratings) -> dict[str, float]:
