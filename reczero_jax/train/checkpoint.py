@@ -55,6 +55,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from reczero_jax import distributed
+
 # Entries of ExperimentConfig that fix the shapes of the saved arrays (the model and its
 # parameter dtype), the position the data-iterator state refers to (the data, prompt
 # length and layout, batch size, seed), or the meaning of a step number (the algorithm and
@@ -343,14 +345,10 @@ class PreemptionGuard:
 
     def should_stop(self) -> bool:
         """Whether any process was asked to stop. With several processes the flags are
-        OR-ed across them (one tiny all-gather), so every host stops after the same step and
-        they all take part in the final save."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags))
+        OR-ed across them (``distributed.any_process``: one tiny all-gather, so call it once
+        per step, in every process), so every host stops after the same step and they all
+        take part in the final save."""
+        return distributed.any_process(self.requested)
 
 
 # -- helpers -----------------------------------------------------------------------------
