@@ -435,11 +435,14 @@ def compare_grpo(ours, theirs, decode, prompts, truths, greedy, probes, *, group
     response_mask = (np.arange(length) < lengths[..., None]).astype(np.float32)
 
     advantages = grpo.group_advantages(jnp.asarray(host, jnp.float32), group_size)
-    rollout = Rollout(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(responses),
-                      jnp.asarray(response_mask), jnp.zeros(responses.shape, jnp.float32),
-                      jnp.asarray(host.reshape(-1, group_size), jnp.float32),
-                      advantages.reshape(-1, group_size), jnp.asarray(host > -1).reshape(-1, group_size),
-                      jnp.zeros(lengths.shape, jnp.float32), jnp.asarray(lengths))
+    rollout = Rollout(
+        prompt_ids=jnp.asarray(ids), prompt_mask=jnp.asarray(mask),
+        responses=jnp.asarray(responses), response_mask=jnp.asarray(response_mask),
+        old_logp=jnp.zeros(responses.shape, jnp.float32),
+        rewards=jnp.asarray(host.reshape(-1, group_size), jnp.float32),
+        advantages=advantages.reshape(-1, group_size),
+        format_ok=jnp.asarray(host > -1).reshape(-1, group_size),
+        ratings=jnp.zeros(lengths.shape, jnp.float32), lengths=jnp.asarray(lengths))
     trainer = Trainer(ours, single_device_mesh(), OptimConfig(),
                       GRPOConfig(group_size=group_size, max_new_tokens=length, clip_eps=CLIP_EPS))
     loss, grads = trainer.grpo_loss_and_grads(rollout)

@@ -69,6 +69,12 @@ class TrainSection:
     checkpoint_every: int = 50
     checkpoint_dir: str = ""  # "": RUN_DIR/checkpoints; a gs:// URL keeps them off the hosts
     keep_checkpoints: int = 2
+    # The policy exported and evaluated at the end: the last step's, or the step's of lowest
+    # validation MAE (needs validation: eval_every > 0; that step is saved when it happens).
+    final_policy: str = "last"
+
+
+FINAL_POLICIES = ("last", "best_val")  # train.final_policy
 
 
 @dataclasses.dataclass

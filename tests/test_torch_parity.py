@@ -5,6 +5,7 @@ left-padded prompts, G responses per prompt with masks of different lengths.
 Gradients are compared for every parameter, torch's named by the HF tensor names of
 ``reczero_jax.models.hf.PARAM_TABLE`` and brought to our layout by the same table."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,10 +43,13 @@ def make_batch(seed=0) -> dict[str, np.ndarray]:
 
 
 def as_rollout(batch, old_logp) -> Rollout:
-    return Rollout(*(jnp.asarray(a) for a in (
-        batch["prompt_ids"], batch["prompt_mask"], batch["responses"], batch["response_mask"],
-        old_logp, batch["advantages"], batch["advantages"], np.ones((B, G), bool),
-        np.full((B, G), 3.0, np.float32), batch["lengths"])))
+    # The loss reads the advantages; rewards, format and ratings are only logged.
+    return jax.tree.map(jnp.asarray, Rollout(
+        prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"],
+        responses=batch["responses"], response_mask=batch["response_mask"], old_logp=old_logp,
+        rewards=np.zeros((B, G), np.float32), advantages=batch["advantages"],
+        format_ok=np.ones((B, G), bool), ratings=np.full((B, G), 3.0, np.float32),
+        lengths=batch["lengths"]))
 
 
 @pytest.fixture(scope="module")
