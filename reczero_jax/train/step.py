@@ -362,10 +362,10 @@ class Trainer:
 
         logp = jax.lax.map(micro_logprobs, self._micro_batches(batch))
         logp = logp.reshape(batch.responses.shape)
-        gap = jnp.abs(batch.old_logp.astype(jnp.float32) - logp)
-        is_token = batch.response_mask != 0
-        return (logp, jnp.where(is_token, gap, 0.0).max(),
-                grpo.masked_mean(gap, batch.response_mask))
+        length = logp.shape[-1]
+        gap = jnp.abs(batch.old_logp.astype(jnp.float32) - logp).reshape(-1, length)
+        mask = batch.response_mask.reshape(-1, length)
+        return logp, jnp.where(mask != 0, gap, 0.0).max(), grpo.masked_mean(gap, mask)
 
     def _micro_batches(self, batch):
         """[B, ...] leaves -> [k, B / k, ...]: ``optim.micro_batches`` along the prompt axis."""
