@@ -222,7 +222,7 @@ def torch_grpo_loss(model, prompt_ids, prompt_mask, responses, response_mask, ad
     response; positions count the prompt's real tokens from 0. With M the response tokens,
 
         ratio = exp(logp - old_logp),  l = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)
-        loss  = sum_M (l + kl_coef * k3) / |M|,  k3 = exp(ref - logp) - (ref - logp) - 1
+        loss  = sum_M (l + kl_coef * k3) / |M|,  k3 = clip(exp(d) - d - 1, -10, 10), d = ref - logp
 
     (k3 only when ``kl_coef`` is non-zero, ``ref`` the log-probs under ``ref_model``).
     clip_fraction: the share of M where clipping zeroes the gradient.
@@ -251,7 +251,9 @@ def torch_grpo_loss(model, prompt_ids, prompt_mask, responses, response_mask, ad
     if kl_coef:
         with torch.no_grad():
             ref = response_logp(ref_model)
-        token_loss = token_loss + kl_coef * (torch.exp(ref - logp) - (ref - logp) - 1)
+        # verl's low_var_kl: k3, clamped to [-10, 10]
+        k3 = torch.exp(ref - logp) - (ref - logp) - 1
+        token_loss = token_loss + kl_coef * k3.clamp(-10, 10)
     is_token = response_mask.reshape(batch * group, length) != 0
     count = is_token.sum().clamp(min=1)
     loss = torch.where(is_token, token_loss, 0.0).sum() / count

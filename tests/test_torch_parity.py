@@ -82,7 +82,7 @@ def our_loss_and_grads(checkpoints, batch, old_logp=None, kl_coef=0.0):
     config = GRPOConfig(group_size=G, max_new_tokens=R, clip_eps=CLIP_EPS, kl_coef=kl_coef,
                         updates_per_rollout=1 if old_logp is None else 2)
     trainer = Trainer(from_pretrained(policy_dir), single_device_mesh(), OptimConfig(), config,
-                      ref_model=from_pretrained(reference_dir) if kl_coef else None)
+                      reference=from_pretrained(reference_dir) if kl_coef else None)
     stored = np.zeros((B, G, R), np.float32) if old_logp is None else old_logp
     loss, grads = trainer.grpo_loss_and_grads(as_rollout(batch, stored))
     logp = response_logprobs(trainer.model, jnp.asarray(batch["prompt_ids"]),

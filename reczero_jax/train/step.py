@@ -1,11 +1,11 @@
 """The sharded GRPO and SFT update steps.
 
 One GRPO step: ``rollout`` (group sampling, token rewards and advantages, all jitted) then
-``Trainer.grpo_update`` (one ``jax.jit`` with explicit in/out shardings and donated
-parameters and optimizer state). Both losses go through ``_accumulated_update``, which
-splits the batch into micro-batches along the prompt axis with ``lax.scan``, sums loss
-numerators and gradients, divides by the summed denominator (exact accumulation, see
-``grpo.LossTerms``), and applies optax AdamW after global-norm clipping.
+``Trainer.grpo_update`` (one ``jax.jit`` with donated parameters and optimizer state, its
+inputs placed on their shardings, its outputs pinned to them). Both losses go through
+``_accumulated_update``, which splits the batch into micro-batches along the prompt axis with
+``lax.scan``, sums loss numerators and gradients, divides by the summed denominator (exact
+accumulation, see ``grpo.LossTerms``), and applies optax AdamW after global-norm clipping.
 
 Shapes: B prompts, G samples per prompt, P prompt length, R response length.
 """
