@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from reczero_jax import evaluate as evaluation
 from reczero_jax.cli import main
 from reczero_jax.config import load_config, save_config
 from reczero_jax.models import from_pretrained
@@ -88,7 +89,14 @@ def test_kl_run_with_another_layout_and_reward_is_scored_alike_by_eval_run(
     initial weights while the policy moves (an entropy bonus gives the random model's
     all-equal rewards a gradient). Its data.layout and train.reward reach `reczero eval
     --run`, which scores the exported policy as the loop's last evaluation did."""
-    trainers = []
+    trainers, evaluations = [], []
+    evaluate = evaluation.evaluate
+
+    def recorded_evaluate(model, tokenizer, records, *, reward_fn, desc, **settings):
+        evaluations.append({**settings, "reward": reward_fn.variant.name})
+        return evaluate(model, tokenizer, records, reward_fn=reward_fn, desc=desc, **settings)
+
+    monkeypatch.setattr(evaluation, "evaluate", recorded_evaluate)
 
     class RecordedTrainer(loop.Trainer):
         def __init__(self, *args, **kwargs):
@@ -117,12 +125,13 @@ def test_kl_run_with_another_layout_and_reward_is_scored_alike_by_eval_run(
     assert len(kl) == 2 and kl[1] > 0 and np.isfinite(kl).all()
 
     assert main(["eval", "--run", str(run_dir), "--n", "2", "--no-baselines"]) == 0
+    *in_training, after = evaluations
+    assert after == in_training[-1]  # the settings of the loop's last evaluation
+    assert (after["layout"], after["reward"], after["batch_size"]) == ("user", "answer_only", 2)
     report = json.loads((run_dir / "eval_test.json").read_text())
     looped = [json.loads(line) for line in (run_dir / "eval_samples.jsonl").open()]
     looped = [row for row in looped if row.pop("model") == "after GRPO"]
     assert [row["response"] for row in report["rows"]] == [row["response"] for row in looped]
-    # answer_only has no tags: every answer is well-formed (the four-tag rule would say 0).
-    assert report["metrics"]["format_rate"] == 1.0
     final = json.loads((run_dir / "eval.json").read_text())["after GRPO"]
     for name in ("mae", "rmse", "parse_rate", "format_rate", "tokens_per_request"):
         assert report["metrics"][name] == pytest.approx(final[name], nan_ok=True), name
