@@ -132,11 +132,12 @@ def as_rollout(batch: dict[str, np.ndarray]):
     from reczero_jax.train.step import Rollout
 
     b, g = batch["advantages"].shape
-    return Rollout(*(jnp.asarray(a) for a in (
-        batch["prompt_ids"], batch["prompt_mask"], batch["responses"], batch["response_mask"],
-        np.zeros(batch["responses"].shape, np.float32), batch["advantages"],
-        batch["advantages"], np.ones((b, g), bool), np.full((b, g), 3.0, np.float32),
-        batch["lengths"])))
+    return jax.tree.map(jnp.asarray, Rollout(
+        prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"],
+        responses=batch["responses"], response_mask=batch["response_mask"],
+        old_logp=np.zeros(batch["responses"].shape, np.float32), rewards=batch["advantages"],
+        advantages=batch["advantages"], format_ok=np.ones((b, g), bool),
+        ratings=np.full((b, g), 3.0, np.float32), lengths=batch["lengths"]))
 
 
 def jax_arm(model_dir: Path, shape: Shape, batch, shared: bool

@@ -224,7 +224,7 @@ def torch_grpo_loss(model, prompt_ids, prompt_mask, responses, response_mask, ad
     response; positions count the prompt's real tokens from 0. With M the response tokens,
 
         ratio = exp(logp - old_logp),  l = -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A)
-        loss  = sum_M (l + kl_coef * k3) / |M|,  k3 = exp(ref - logp) - (ref - logp) - 1
+        loss  = sum_M (l + kl_coef * k3) / |M|,  k3 = clip(exp(d) - d - 1, -10, 10), d = ref - logp
 
     (k3 only when ``kl_coef`` is non-zero, ``ref`` the log-probs under ``ref_model``).
     clip_fraction: the share of M where clipping zeroes the gradient.
@@ -253,7 +253,9 @@ def torch_grpo_loss(model, prompt_ids, prompt_mask, responses, response_mask, ad
     if kl_coef:
         with torch.no_grad():
             ref = response_logp(ref_model)
-        token_loss = token_loss + kl_coef * (torch.exp(ref - logp) - (ref - logp) - 1)
+        # verl's low_var_kl: k3, clamped to [-10, 10]
+        k3 = torch.exp(ref - logp) - (ref - logp) - 1
+        token_loss = token_loss + kl_coef * k3.clamp(-10, 10)
     is_token = response_mask.reshape(batch * group, length) != 0
     count = is_token.sum().clamp(min=1)
     loss = torch.where(is_token, token_loss, 0.0).sum() / count
@@ -438,11 +440,14 @@ def compare_grpo(ours, theirs, decode, prompts, truths, greedy, probes, *, group
     response_mask = (np.arange(length) < lengths[..., None]).astype(np.float32)
 
     advantages = grpo.group_advantages(jnp.asarray(host, jnp.float32), group_size)
-    rollout = Rollout(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(responses),
-                      jnp.asarray(response_mask), jnp.zeros(responses.shape, jnp.float32),
-                      jnp.asarray(host.reshape(-1, group_size), jnp.float32),
-                      advantages.reshape(-1, group_size), jnp.asarray(host > -1).reshape(-1, group_size),
-                      jnp.zeros(lengths.shape, jnp.float32), jnp.asarray(lengths))
+    rollout = Rollout(
+        prompt_ids=jnp.asarray(ids), prompt_mask=jnp.asarray(mask),
+        responses=jnp.asarray(responses), response_mask=jnp.asarray(response_mask),
+        old_logp=jnp.zeros(responses.shape, jnp.float32),
+        rewards=jnp.asarray(host.reshape(-1, group_size), jnp.float32),
+        advantages=advantages.reshape(-1, group_size),
+        format_ok=jnp.asarray(host > -1).reshape(-1, group_size),
+        ratings=jnp.zeros(lengths.shape, jnp.float32), lengths=jnp.asarray(lengths))
     trainer = Trainer(ours, single_device_mesh(), OptimConfig(),
                       GRPOConfig(group_size=group_size, max_new_tokens=length, clip_eps=CLIP_EPS))
     loss, grads = trainer.grpo_loss_and_grads(rollout)

@@ -31,6 +31,8 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 KL_KINDS = ("k1", "k2", "k3")  # grpo.kl_penalty
 LAYOUTS = ("chat", "user", "raw")  # prompts.encode_prompt
 REWARDS = ("rating", "exact", "think_answer", "answer_only")  # rewards.host.VARIANTS
+DATA_SUBSETS = ("random", "first")  # data.subset: how data.train_samples are chosen
+FINAL_POLICIES = ("last", "best_val")  # train.final_policy
 # Dtype names of model.dtype / model.param_dtype (and --dtype flags) and their bytes per
 # element; ``models.dtypes.JAX_DTYPES`` maps the same names to jax dtypes.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -71,6 +73,9 @@ class GRPOConfig:
     kl_kind: str = "k3"  # KL_KINDS
     entropy_coef: float = 0.0
     updates_per_rollout: int = 1
+    # One prompt forward per prompt, shared by its G samples: in the sampler (the prompt's KV
+    # cache) and in the update's forward. False repeats the prompt G times in both (the naive
+    # reference the benchmarks compare against); the results are the same.
     shared_prompt: bool = True
 
 
@@ -82,7 +87,6 @@ class ModelSection:
     remat: bool = False
 
 
-DATA_SUBSETS = ("random", "first")  # data.subset: how data.train_samples are chosen
 
 
 @dataclasses.dataclass
@@ -125,6 +129,9 @@ class TrainSection:
     checkpoint_every: int = 50
     checkpoint_dir: str = ""  # "": RUN_DIR/checkpoints; a gs:// URL keeps them off the hosts
     keep_checkpoints: int = 2
+    # The policy exported and evaluated at the end: the last step's, or the step's of lowest
+    # validation MAE (needs validation: eval_every > 0; that step is saved when it happens).
+    final_policy: str = "last"
 
 
 @dataclasses.dataclass
@@ -147,10 +154,12 @@ CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "data.layout": LAYOUTS,
+    "data.subset": DATA_SUBSETS,
     "grpo.estimator": ESTIMATORS,
     "grpo.loss_agg": LOSS_AGGREGATIONS,
     "grpo.kl_kind": KL_KINDS,
     "train.reward": REWARDS,
+    "train.final_policy": FINAL_POLICIES,
 }
 
 
@@ -184,9 +193,10 @@ def check_batch_split(prompts: int, micro_batches: int, shards: int,
 
 
 def check_config(config: ExperimentConfig) -> None:
-    """What can be checked without a device: the choice fields and the batch splits of the
+    """What can be checked without a device: the choice fields, the batch splits of the
     phases the algorithm runs (GRPO: ``train.prompts_per_step`` in ``optim.micro_batches``;
-    SFT: ``sft.batch_size`` in one) over the data x fsdp mesh axes."""
+    SFT: ``sft.batch_size`` in one) over the data x fsdp mesh axes, and that
+    ``train.final_policy=best_val`` has validations to choose from."""
     check_choices(config)
     shards = config.mesh.data * config.mesh.fsdp
     if config.algorithm in ("reczero", "recone"):
@@ -194,6 +204,14 @@ def check_config(config: ExperimentConfig) -> None:
                           "train.prompts_per_step")
     if config.algorithm in ("recone", "sft"):
         check_batch_split(config.sft.batch_size, 1, shards, "sft.batch_size")
+    train = config.train
+    if train.final_policy == "best_val" and (config.algorithm == "sft"
+                                             or not 0 < train.eval_every <= train.steps):
+        raise ValueError(
+            "train.final_policy=best_val picks the GRPO step of lowest validation MAE, but this "
+            f"run validates none (algorithm={config.algorithm}, train.eval_every="
+            f"{train.eval_every}, train.steps={train.steps}): set train.eval_every to a value in "
+            "1..train.steps with algorithm reczero or recone, or train.final_policy=last")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -13,8 +13,9 @@ before any JAX computation:
 Each process then loads only its block of every global batch (``process_batch_share`` tells
 which, for ``data.pipeline.make_pipeline``'s ``process_index``/``process_count``) and
 ``global_batch`` assembles the blocks into global ``jax.Array`` s sharded over the batch axes.
-``to_host`` brings global arrays back whole to every process (host metrics, evaluation rows)
-and ``any_process`` lets one process's stop request stop all. Only the primary process
+``to_host`` brings global arrays back whole to every process (host metrics, evaluation rows,
+the parameters of an export), ``any_process`` lets one process's stop request stop all and
+``sync`` waits for every process at a named point. Only the primary process
 (``is_primary``) writes logs, metrics, plots and exports; every process takes part in checkpoint
 saves (Orbax writes each host's own shards).
 
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from reczero_jax.mesh import LOGICAL_AXIS_RULES, logical_to_spec, mesh_axis_size
+from reczero_jax.mesh import LOGICAL_AXIS_RULES, batch_sharding, batch_spec, mesh_axis_size
 
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
@@ -125,7 +126,7 @@ def process_batch_share(mesh: Mesh | None) -> tuple[int, int]:
         _require_one_process()
         return 0, 1
     shards = mesh_axis_size(mesh, LOGICAL_AXIS_RULES["batch"])
-    sharding = NamedSharding(mesh, logical_to_spec(("batch",)))
+    sharding = NamedSharding(mesh, batch_spec(1))
     mine = sorted({index[0].start or 0 for device, index in
                    sharding.devices_indices_map((shards,)).items()
                    if device.process_index == jax.process_index()})
@@ -160,13 +161,12 @@ def global_batch(local, mesh: Mesh | None):
         return local
     _, count = process_batch_share(mesh)
 
-    def assemble(rows):
-        rows = np.asarray(rows)
-        spec = logical_to_spec(("batch",) + (None,) * (rows.ndim - 1))
+    def assemble(rows, sharding):
         return jax.make_array_from_process_local_data(
-            NamedSharding(mesh, spec), rows, (rows.shape[0] * count, *rows.shape[1:]))
+            sharding, rows, (rows.shape[0] * count, *rows.shape[1:]))
 
-    return jax.tree.map(assemble, local)
+    local = jax.tree.map(np.asarray, local)
+    return jax.tree.map(assemble, local, batch_sharding(mesh, local))
 
 
 def to_host(tree):
@@ -186,12 +186,22 @@ def to_host(tree):
 def any_process(flag: bool) -> bool:
     """Whether ``flag`` is set in any process (a collective with several processes), so that a
     decision taken in one process (e.g. stop on SIGTERM) is taken by all: a process that left
-    the loop alone would leave the others waiting in their next collective."""
+    the loop alone would leave the others waiting in their next collective. Every process must
+    call it at the same point."""
     if jax.process_count() == 1:
         return bool(flag)
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def sync(name: str) -> None:
+    """With several processes, wait until all reach the point named ``name`` (e.g. after
+    process 0 prepared files the others read); one process: nothing."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _require_one_process() -> None:

@@ -9,9 +9,10 @@ Times include the compilation of each new batch shape, so short evaluations over
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -24,10 +25,52 @@ from reczero_jax.models.decoder import Decoder
 from reczero_jax.rewards import TokenRewardFn, rating_metrics
 from reczero_jax.sampling import generate
 
+if TYPE_CHECKING:
+    from reczero_jax.config import ExperimentConfig
+
 # (low, high) inclusive; high None is open-ended, so every history length falls in one bin.
 HISTORY_BINS = ((0, 3), (4, 6), (7, 9), (10, None))
 REPORT_COLUMNS = ("mae", "rmse", "parse_rate", "format_rate", "exact_accuracy",
                   "within_one_accuracy", "tokens_per_request", "n")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How a model is evaluated: the prompt layout, the reward variant (its answer format and
+    how the rating is read), prompt and answer lengths, the batch size."""
+
+    layout: str = "chat"
+    reward: str = "rating"
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 512
+    batch_size: int = 8
+
+    @classmethod
+    def of_run(cls, config: ExperimentConfig, **overrides: int | str | None) -> EvalSettings:
+        """A run's settings, from its config: ``data.layout``, ``train.reward``,
+        ``data.max_prompt_tokens``, ``train.eval_max_new_tokens``, ``train.eval_batch_size``.
+        The training loop's evaluations and ``reczero eval --run`` both take theirs from here,
+        so a run is scored alike in and after training. ``overrides`` left None keep the
+        run's values."""
+        settings = cls(layout=config.data.layout, reward=config.train.reward,
+                       max_prompt_tokens=config.data.max_prompt_tokens,
+                       max_new_tokens=config.train.eval_max_new_tokens,
+                       batch_size=config.train.eval_batch_size)
+        return dataclasses.replace(
+            settings, **{name: value for name, value in overrides.items() if value is not None})
+
+    def reward_fn(self, tokenizer) -> TokenRewardFn:
+        return TokenRewardFn(tokenizer, kind=self.reward)
+
+    def evaluate(self, model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
+                 reward_fn: TokenRewardFn | None = None, desc: str = "eval") -> dict[str, Any]:
+        """``evaluate`` with these settings. ``reward_fn``: ``self.reward_fn(tokenizer)``,
+        built once by a caller that evaluates repeatedly (default: built here)."""
+        return evaluate(model, tokenizer, records,
+                        reward_fn=reward_fn or self.reward_fn(tokenizer),
+                        max_prompt_tokens=self.max_prompt_tokens,
+                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                        layout=self.layout, desc=desc)
 
 
 def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from reczero_jax.config import ESTIMATORS, KL_KINDS, LOSS_AGGREGATIONS
 
+K3_CLIP = 10.0  # verl's low_var_kl clamps each token's k3 to [-10, 10]
 STD_EPS = 1e-6
 
 
@@ -133,7 +134,8 @@ def masked_aggregate(
     return LossTerms(token_values.sum(), num_seqs * length)
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``values`` [N, T] over the masked tokens (0 when none is): a metric."""
     return masked_aggregate(values, mask, "token-mean").value
 
 
@@ -192,7 +194,8 @@ def policy_loss(
     - ``ratio_mean`` / ``ratio_min`` / ``ratio_max``: spread of pi / pi_old (1 on-policy);
       min/max are +inf/-inf when no token is masked
     - ``approx_kl``: k3 estimate of KL(pi_old || pi), masked mean of
-      exp(logp - old_logp) - (logp - old_logp) - 1
+      exp(logp - old_logp) - (logp - old_logp) - 1 (per token clipped to 10, as
+      ``kl_penalty``'s k3)
     """
     token_loss, ratio, clipped = clipped_surrogate(
         logp, old_logp, advantages, clip_eps, clip_eps_high
@@ -202,11 +205,11 @@ def policy_loss(
     ratio = jax.lax.stop_gradient(ratio)
     old_kl = kl_penalty(jax.lax.stop_gradient(old_logp), jax.lax.stop_gradient(logp), "k3")
     metrics = {
-        "clip_fraction": _masked_mean(clipped.astype(jnp.float32), mask),
-        "ratio_mean": _masked_mean(ratio, mask),
+        "clip_fraction": masked_mean(clipped.astype(jnp.float32), mask),
+        "ratio_mean": masked_mean(ratio, mask),
         "ratio_min": jnp.where(is_token, ratio, jnp.inf).min(),
         "ratio_max": jnp.where(is_token, ratio, -jnp.inf).max(),
-        "approx_kl": _masked_mean(old_kl, mask),
+        "approx_kl": masked_mean(old_kl, mask),
     }
     return terms, metrics
 
@@ -218,8 +221,9 @@ def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3") -> jax.Ar
 
     - ``k1`` = -d = logp - ref_logp                    unbiased for the KL, high variance
     - ``k2`` = d^2 / 2                                 biased, low variance
-    - ``k3`` = exp(d) - d - 1                          unbiased and always >= 0 (verl's
-      "low_var_kl"; unbounded above where pi_ref >> pi)
+    - ``k3`` = clip(exp(d) - d - 1, -10, 10)            unbiased (before the clip) and always
+      >= 0: verl's "low_var_kl", clipped to [-10, 10] as there (the authors' verl), since
+      exp(d) is unbounded where pi_ref >> pi; a clipped token gets no gradient
 
     As a loss (samples fixed, gradient through logp), what counts is the expected gradient:
 
@@ -242,7 +246,7 @@ def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kind: str = "k3") -> jax.Ar
         return -log_ratio
     if kind == "k2":
         return 0.5 * jnp.square(log_ratio)
-    return jnp.exp(log_ratio) - log_ratio - 1.0
+    return jnp.clip(jnp.exp(log_ratio) - log_ratio - 1.0, -K3_CLIP, K3_CLIP)
 
 
 def _scaled_logits(logits: jax.Array, temperature: float) -> jax.Array:
@@ -282,7 +286,9 @@ def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     return -(jnp.exp(log_probs) * log_probs).sum(axis=-1)
 
 
-def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked mean entropy over response tokens (a metric): logits [N, T, V], mask [N, T] ->
-    scalar. For an entropy bonus, aggregate ``token_entropy`` like the policy loss."""
-    return _masked_mean(token_entropy(logits), mask)
+def entropy_from_logits(logits: jax.Array, mask: jax.Array, temperature: float = 1.0
+                        ) -> jax.Array:
+    """Masked mean entropy of softmax(logits / temperature) over response tokens (a metric):
+    logits [N, T, V], mask [N, T] -> scalar. For an entropy bonus, aggregate ``token_entropy``
+    like the policy loss."""
+    return masked_mean(token_entropy(logits, temperature), mask)

@@ -57,6 +57,18 @@ def logical_to_spec(logical_axes: Sequence[str | None]) -> PartitionSpec:
                            for name in logical_axes))
 
 
+def batch_spec(ndim: int) -> PartitionSpec:
+    """PartitionSpec of a rank-``ndim`` array whose leading axis is the batch: that axis over
+    the ``"batch"`` mesh axes (``LOGICAL_AXIS_RULES``), the others replicated."""
+    return logical_to_spec(("batch",) + (None,) * (ndim - 1))
+
+
+def batch_sharding(mesh: Mesh, tree):
+    """The NamedSharding of every array in ``tree`` (a pytree of arrays or ShapeDtypeStructs,
+    each [batch, ...]) by its rank (``batch_spec``): a tree of ``tree``'s structure."""
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, batch_spec(np.ndim(leaf))), tree)
+
+
 def mesh_axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
     if axis is None:
         return 1

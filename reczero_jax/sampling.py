@@ -28,9 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from reczero_jax.mesh import constrain, logical_to_spec
+from reczero_jax.mesh import batch_sharding, constrain
 from reczero_jax.models.decoder import (
     Decoder,
     KVCache,
@@ -212,11 +211,7 @@ def _place_batch(model: Decoder, *arrays):
     (data, fsdp)."""
     if model.mesh is None:
         return tuple(jnp.asarray(a) for a in arrays)
-
-    def batch_sharding(ndim):
-        return NamedSharding(model.mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
-
-    return tuple(jax.device_put(a, batch_sharding(a.ndim)) for a in arrays)
+    return jax.device_put(arrays, batch_sharding(model.mesh, arrays))
 
 
 @functools.partial(jax.jit, static_argnames=("length", "pad_id", "copies", "mesh"))

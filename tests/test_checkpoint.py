@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from reczero_jax import distributed
 from reczero_jax import mesh as meshlib
 from reczero_jax.config import OptimConfig, load_config
 from reczero_jax.train.checkpoint import (
@@ -307,3 +308,25 @@ def test_preemption_guard_turns_sigterm_into_a_flag():
         assert guard.requested and guard.should_stop()
         assert guard.signal_name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_steps_asked_for_are_kept_next_to_the_latest(tmp_path):
+    tree = {"w": jnp.arange(4.0)}
+    with Checkpointer(tmp_path / "run", keep_last=1, keep_steps=(2,)) as ckpt:
+        for step in range(1, 6):
+            ckpt.save(step, params=tree, opt_state=tree, rng_keys={}, data_state=None,
+                      config=CONFIG, metrics={})
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 5]
+
+
+def test_preemption_flag_is_or_ed_across_processes_by_one_collective(monkeypatch):
+    """should_stop is the per-step collective: another process's request stops this one."""
+    calls = []
+
+    def another_process_was_signalled(flag):
+        calls.append(flag)
+        return True
+
+    monkeypatch.setattr(distributed, "any_process", another_process_was_signalled)
+    assert PreemptionGuard().should_stop() and calls == [False]

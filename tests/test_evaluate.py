@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from reczero_jax.config import load_config
 from reczero_jax.data import load_split
 from reczero_jax.data.samples import SampleConfig
 from reczero_jax.data.tfds_builder import SourceConfig, prepare
-from reczero_jax.evaluate import REPORT_COLUMNS, by_history_length, evaluate, score_rows
+from reczero_jax.evaluate import (
+    REPORT_COLUMNS,
+    EvalSettings,
+    by_history_length,
+    evaluate,
+    score_rows,
+)
 from reczero_jax.models import Decoder, ModelConfig
 from reczero_jax.rewards import TokenRewardFn
 
@@ -101,3 +108,15 @@ def test_evaluate_on_a_tiny_model(smollm2_tokenizer, test_records):
         np.mean([abs(p - r["rating"]) for p, r in zip(scored, rows, strict=True)]))
     assert metrics["parse_rate"] == pytest.approx(
         np.mean([r["prediction"] is not None for r in rows]))
+
+
+def test_a_runs_evaluation_settings_come_from_its_config():
+    config = load_config(None, ["data.layout=raw", "train.reward=think_answer",
+                                "data.max_prompt_tokens=300", "train.eval_max_new_tokens=40",
+                                "train.eval_batch_size=4"])
+    assert EvalSettings.of_run(config) == EvalSettings(
+        layout="raw", reward="think_answer", max_prompt_tokens=300, max_new_tokens=40,
+        batch_size=4)
+    # Overrides given (e.g. `reczero eval --run --max-new-tokens 9`) win; None keeps the run's.
+    overridden = EvalSettings.of_run(config, max_new_tokens=9, batch_size=None)
+    assert (overridden.max_new_tokens, overridden.batch_size) == (9, 4)

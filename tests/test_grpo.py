@@ -218,6 +218,16 @@ def test_k3_nonnegative_and_zero_at_equality():
         grpo.kl_penalty(logp, ref, "k4")
 
 
+def test_k3_is_clipped_at_10_like_verl_low_var_kl():
+    """verl's low_var_kl clamps each token's k3 to [-10, 10]: where pi_ref >> pi (d = 20,
+    exp(d) - d - 1 ~ 5e8) the value is 10 and the token gives no gradient; below the clip
+    nothing changes."""
+    logp, ref = jnp.array([[-21.0, -3.0]]), jnp.array([[-1.0, -1.0]])
+    _close(grpo.kl_penalty(logp, ref, "k3"), [[10.0, math.exp(2) - 2 - 1]])
+    grad = jax.grad(lambda lp: grpo.kl_penalty(lp, ref, "k3").sum())(logp)
+    _close(grad, [[0.0, 1.0 - math.exp(2)]])
+
+
 def test_kl_estimators_in_expectation():
     """Exact expectations over a 5-way categorical pi_theta: the docstring's claims."""
     ref_logits = jnp.array([0.3, -1.0, 2.0, 0.0, 0.5])

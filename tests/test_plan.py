@@ -59,13 +59,14 @@ def synthetic_rollout(config, batch, group, prompt, response) -> Rollout:
     rng = np.random.RandomState(0)
     rewards = rng.randn(batch, group).astype(np.float32)
     return Rollout(
-        rng.randint(0, config.vocab_size, (batch, prompt)).astype(np.int32),
-        np.ones((batch, prompt), np.int32),
-        rng.randint(0, config.vocab_size, (batch, group, response)).astype(np.int32),
-        np.ones((batch, group, response), np.float32),
-        np.zeros((batch, group, response), np.float32), rewards, rewards - rewards.mean(1, keepdims=True),
-        np.ones((batch, group), bool), np.zeros((batch, group), np.float32),
-        np.full((batch, group), response, np.int32))
+        prompt_ids=rng.randint(0, config.vocab_size, (batch, prompt)).astype(np.int32),
+        prompt_mask=np.ones((batch, prompt), np.int32),
+        responses=rng.randint(0, config.vocab_size, (batch, group, response)).astype(np.int32),
+        response_mask=np.ones((batch, group, response), np.float32),
+        old_logp=np.zeros((batch, group, response), np.float32), rewards=rewards,
+        advantages=rewards - rewards.mean(1, keepdims=True),
+        format_ok=np.ones((batch, group), bool), ratings=np.zeros((batch, group), np.float32),
+        lengths=np.full((batch, group), response, np.int32))
 
 
 @pytest.mark.slow  # two compilations of the full update step

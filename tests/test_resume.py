@@ -14,9 +14,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from reczero_jax.config import OptimConfig, load_config, save_config
 from reczero_jax.mesh import single_device_mesh
+from reczero_jax.train import loop
 from reczero_jax.train.checkpoint import Checkpointer, Restored
 from reczero_jax.train.cli import register
 from reczero_jax.train.export import restore_model
@@ -146,11 +148,24 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, tiny_model_dir,
 
 @pytest.mark.slow
 def test_recone_resumed_in_grpo_skips_sft_and_continues_on_another_mesh(
-        tmp_path, tiny_model_dir, small_ml100k, capsys):
+        tmp_path, tiny_model_dir, small_ml100k, capsys, monkeypatch):
+    """A RecOne run resumed in its GRPO phase does not redo SFT, may change mesh, and with a
+    KL penalty gets its reference (the post-SFT policy) back from the last SFT step, which
+    is kept for it."""
+    trainers = []
+
+    class RecordedTrainer(loop.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(loop, "Trainer", RecordedTrainer)
     run_dir = tmp_path / "recone"
     common = tiny_run(run_dir, tiny_model_dir, small_ml100k, "algorithm=recone",
-                      "sft.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=1")
+                      "sft.steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=1",
+                      "grpo.kl_coef=0.001")
     first = run(load_config(None, [*common, "train.steps=2"]))
+    assert Checkpointer(run_dir / "checkpoints").all_steps() == [2, 4]
     # A finished run given more GRPO steps goes on from its last checkpoint (step 4), here with
     # the parameters split over two devices (tensor parallel).
     second = run(load_config(None, [*common, "train.steps=3", "mesh.tensor=2"]))
@@ -162,6 +177,11 @@ def test_recone_resumed_in_grpo_skips_sft_and_continues_on_another_mesh(
         ("grpo", 4), ("grpo", 5), ("eval after SFT + GRPO", 5)]
     restored = Checkpointer(run_dir / "checkpoints").restore()
     assert restored.step == 5 and restored.progress["phase"] == "grpo"
+    # Trainers: SFT, GRPO, then the resumed GRPO, whose reference is step 2's policy.
+    post_sft, _, _ = restore_model(run_dir, 2)
+    for reference, expected in zip(jax.tree.leaves(trainers[2].ref_params),
+                                   jax.tree.leaves(nnx.state(post_sft)), strict=True):
+        np.testing.assert_array_equal(np.asarray(reference), np.asarray(expected))
     assert [json.loads(line)["model"] for line in (run_dir / "eval_samples.jsonl").open()] == [
         "zero-shot"] * 2 + ["after SFT"] * 2 + ["after SFT + GRPO"] * 2
 

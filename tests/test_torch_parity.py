@@ -5,6 +5,7 @@ left-padded prompts, G responses per prompt with masks of different lengths.
 Gradients are compared for every parameter, torch's named by the HF tensor names of
 ``reczero_jax.models.hf.PARAM_TABLE`` and brought to our layout by the same table."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -43,10 +44,13 @@ def make_batch(seed=0) -> dict[str, np.ndarray]:
 
 
 def as_rollout(batch, old_logp) -> Rollout:
-    return Rollout(*(jnp.asarray(a) for a in (
-        batch["prompt_ids"], batch["prompt_mask"], batch["responses"], batch["response_mask"],
-        old_logp, batch["advantages"], batch["advantages"], np.ones((B, G), bool),
-        np.full((B, G), 3.0, np.float32), batch["lengths"])))
+    # The loss reads the advantages; rewards, format and ratings are only logged.
+    return jax.tree.map(jnp.asarray, Rollout(
+        prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"],
+        responses=batch["responses"], response_mask=batch["response_mask"], old_logp=old_logp,
+        rewards=np.zeros((B, G), np.float32), advantages=batch["advantages"],
+        format_ok=np.ones((B, G), bool), ratings=np.full((B, G), 3.0, np.float32),
+        lengths=batch["lengths"]))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +83,7 @@ def our_loss_and_grads(checkpoints, batch, old_logp=None, kl_coef=0.0):
     config = GRPOConfig(group_size=G, max_new_tokens=R, clip_eps=CLIP_EPS, kl_coef=kl_coef,
                         updates_per_rollout=1 if old_logp is None else 2)
     trainer = Trainer(from_pretrained(policy_dir), single_device_mesh(), OptimConfig(), config,
-                      ref_model=from_pretrained(reference_dir) if kl_coef else None)
+                      reference=from_pretrained(reference_dir) if kl_coef else None)
     stored = np.zeros((B, G, R), np.float32) if old_logp is None else old_logp
     loss, grads = trainer.grpo_loss_and_grads(as_rollout(batch, stored))
     logp = response_logprobs(trainer.model, jnp.asarray(batch["prompt_ids"]),

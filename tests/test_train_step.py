@@ -7,9 +7,13 @@ import optax
 import pytest
 from flax import nnx
 
+from reczero_jax import grpo
 from reczero_jax import mesh as meshlib
 from reczero_jax.config import GRPOConfig, OptimConfig
 from reczero_jax.models import Decoder
+from reczero_jax.policy import response_logits
+from reczero_jax.sampling import generate
+from reczero_jax.train import step
 from reczero_jax.train.step import Rollout, Trainer, rollout
 from tests.test_sampling import TINY, tiny_model
 
@@ -25,10 +29,11 @@ def fake_rollout(seed=0) -> Rollout:
     lengths = rng.randint(1, R + 1, (B, G)).astype(np.int32)
     mask = (np.arange(R) < lengths[..., None]).astype(np.float32)
     rewards = rng.randn(B, G).astype(np.float32)
-    return Rollout(*(jnp.asarray(a) for a in (
-        prompt_ids, prompt_mask, responses, mask, np.zeros((B, G, R), np.float32), rewards,
-        rewards - rewards.mean(1, keepdims=True), np.ones((B, G), bool),
-        np.full((B, G), 3.0, np.float32), lengths)))
+    return jax.tree.map(jnp.asarray, Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, responses=responses, response_mask=mask,
+        old_logp=np.zeros((B, G, R), np.float32), rewards=rewards,
+        advantages=rewards - rewards.mean(1, keepdims=True), format_ok=np.ones((B, G), bool),
+        ratings=np.full((B, G), 3.0, np.float32), lengths=lengths))
 
 
 def loss_and_grads(mesh, optim=None, grpo_config=None):
@@ -90,7 +95,7 @@ def test_sampled_rollout_updates_on_a_data_parallel_mesh():
     prompts = fake_rollout()
     scored = rollout(trainer.model, even_token_reward, np.asarray(prompts.prompt_ids),
                      np.asarray(prompts.prompt_mask), np.full((B,), 3.0, np.float32),
-                     jax.random.key(0), trainer.grpo)
+                     jax.random.key(0), trainer.grpo_config)
     before = np.asarray(trainer.params["layers"]["wq"][...])
     metrics = trainer.grpo_step(scored)
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
@@ -179,3 +184,86 @@ def test_each_knob_the_memory_error_names_lowers_the_estimate(baseline_memory):
     for knobs in (dict(micro_batches=2), dict(remat=True), dict(fsdp=2)):
         peak = memory_trainer(**knobs).memory_report(fake_rollout())["peak_bytes"]
         assert peak < 0.9 * baseline, knobs
+
+
+def test_place_shards_every_field_on_the_batch_axes_by_its_rank():
+    mesh = meshlib.make_mesh(data=2, fsdp=2, tensor=2)
+    placed = Trainer(tiny_model(mesh=mesh), mesh, OptimConfig()).place(fake_rollout())
+    for name, array in placed._asdict().items():
+        assert array.sharding.spec == meshlib.logical_to_spec(
+            ("batch",) + (None,) * (array.ndim - 1)), name
+        assert array.sharding.shard_shape(array.shape)[0] == B // 4, name
+
+
+def test_kl_reference_is_a_frozen_copy_of_the_initial_policy():
+    """The update donates the policy's arrays; the reference (the same model here, as in the
+    loop) must survive in buffers of its own and stay the initial weights."""
+    mesh = meshlib.make_mesh(1, 1, 1)
+    model = tiny_model(mesh=mesh)
+    initial = [np.array(leaf) for leaf in jax.tree.leaves(nnx.state(model))]
+    trainer = Trainer(model, mesh, OptimConfig(learning_rate=1e-2),
+                      GRPOConfig(kl_coef=0.1), reference=model)
+    for _ in range(2):
+        metrics = trainer.grpo_step(fake_rollout())
+    assert np.isfinite(metrics["kl"]) and metrics["kl"] > 0  # the policy moved off the reference
+    for reference, policy, start in zip(jax.tree.leaves(trainer.ref_params),
+                                        jax.tree.leaves(trainer.params), initial, strict=True):
+        np.testing.assert_array_equal(np.asarray(reference), start)
+        assert not np.array_equal(np.asarray(policy), start)
+    with pytest.raises(ValueError, match="pass the reference policy"):
+        Trainer(tiny_model(mesh=mesh), mesh, OptimConfig(), GRPOConfig(kl_coef=0.1))
+
+
+def test_several_updates_per_rollout_recompute_the_old_logprobs_with_the_policy():
+    """The sampler's log-probs (here zeros, as a truncated top-k sampler's would differ too)
+    are replaced by the policy's before the first update: with the parameters held fixed
+    (learning rate 0) every update's ratio is exactly 1, and the gap is logged."""
+    mesh = meshlib.make_mesh(1, 1, 1)
+    config = GRPOConfig(updates_per_rollout=2, top_k=3, temperature=0.7)
+    trainer = Trainer(tiny_model(mesh=mesh), mesh, OptimConfig(learning_rate=0.0), config)
+    batch = fake_rollout()
+    logits = response_logits(trainer.model, batch.prompt_ids, batch.prompt_mask, batch.responses)
+    expected = np.asarray(grpo.token_logprobs(logits, batch.responses, 0.7))
+    recomputed, gap = trainer.with_policy_logprobs(batch)
+    np.testing.assert_allclose(np.asarray(recomputed.old_logp), expected, atol=1e-5)
+    tokens = np.asarray(batch.response_mask) != 0
+    assert gap["sampler_logp_gap_max"] == pytest.approx(np.abs(expected[tokens]).max(), rel=1e-5)
+    assert gap["sampler_logp_gap_mean"] == pytest.approx(np.abs(expected[tokens]).mean(),
+                                                         rel=1e-5)
+    metrics = trainer.grpo_updates(batch)
+    assert metrics["sampler_logp_gap_max"] == pytest.approx(gap["sampler_logp_gap_max"])
+    for name in ("ratio_min", "ratio_mean", "ratio_max"):
+        assert metrics[name] == pytest.approx(1.0, abs=1e-5), name
+    # One update per rollout is on-policy by construction: nothing to recompute or log.
+    single = Trainer(tiny_model(mesh=mesh), mesh, OptimConfig(learning_rate=0.0))
+    assert "sampler_logp_gap_max" not in single.grpo_updates(batch)
+
+
+def test_logged_entropy_is_at_the_sampling_temperature():
+    mesh = meshlib.make_mesh(1, 1, 1)
+    trainer = Trainer(tiny_model(mesh=mesh), mesh, OptimConfig(learning_rate=0.0),
+                      GRPOConfig(temperature=0.5))
+    batch = fake_rollout()
+    logits = response_logits(trainer.model, batch.prompt_ids, batch.prompt_mask, batch.responses)
+    flat = lambda x: x.reshape(B * G, *x.shape[2:])  # noqa: E731
+    expected = grpo.entropy_from_logits(flat(logits), flat(batch.response_mask), 0.5)
+    assert trainer.grpo_step(batch)["entropy"] == pytest.approx(float(expected), rel=1e-5)
+    # At temperature 1 it would differ: the test tells the two apart.
+    assert float(expected) != pytest.approx(
+        float(grpo.entropy_from_logits(flat(logits), flat(batch.response_mask))), rel=1e-3)
+
+
+def test_shared_prompt_setting_reaches_the_sampler(monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["shared_prompt"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(step, "generate", spy)
+    batch = fake_rollout()
+    for shared in (True, False):
+        rollout(tiny_model(), even_token_reward, np.asarray(batch.prompt_ids),
+                np.asarray(batch.prompt_mask), np.full((B,), 3.0, np.float32), jax.random.key(0),
+                GRPOConfig(group_size=G, max_new_tokens=R, shared_prompt=shared))
+    assert seen == [True, False]

@@ -34,6 +34,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from reczero_jax import distributed
 from reczero_jax import mesh as meshlib
 from reczero_jax.models.config import ModelConfig
 from reczero_jax.models.decoder import Decoder
@@ -318,18 +319,11 @@ def write_checkpoint(out_dir: str | os.PathLike, config: ModelConfig,
     return written
 
 
-def _host_array(array: jax.Array) -> np.ndarray:
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:  # multi-host: gather
-        from jax.experimental import multihost_utils
-        array = multihost_utils.process_allgather(array, tiled=True)
-    return np.asarray(jax.device_get(array))
-
-
 def hf_tensors(model: Decoder, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """The model's parameters as (HF name, host array) pairs, one parameter kind at a time."""
     for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         entry = _BY_PATH[param_path]
-        array = _host_array(variable.get_value())
+        array = distributed.to_host(variable.get_value())  # multi-host: gathered
         if dtype is not None:
             array = array.astype(dtype)
         per_layer = array if entry.stacked else [array]

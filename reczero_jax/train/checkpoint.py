@@ -55,6 +55,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from reczero_jax import distributed
+
 # Entries of ExperimentConfig that fix the shapes of the saved arrays (the model and its
 # parameter dtype), the position the data-iterator state refers to (the data, prompt
 # length and layout, batch size, seed), or the meaning of a step number (the algorithm and
@@ -108,13 +110,14 @@ class Checkpointer:
 
     ``save_every``: a step is saved when ``step % save_every == 0`` (or when forced).
     ``keep_last``: the newest N steps are kept; ``keep_best`` > 0 also keeps the N steps with
-    the lowest ``metrics['val_mae']`` (steps without it rank last). ``async_save``: ``save``
+    the lowest ``metrics['val_mae']`` (steps without it rank last); ``keep_steps``: these steps
+    are kept too, once saved (e.g. the policy a later phase refers to). ``async_save``: ``save``
     returns once the arrays are copied off the devices, and the files are written in the
     background (``wait()`` or the next ``save`` blocks until they are committed).
     """
 
     def __init__(self, directory, *, save_every: int = 1, keep_last: int = 3,
-                 keep_best: int = 0, async_save: bool = True):
+                 keep_best: int = 0, keep_steps: Sequence[int] = (), async_save: bool = True):
         if save_every < 1 or keep_last < 1 or keep_best < 0:
             raise ValueError(f"need save_every >= 1, keep_last >= 1, keep_best >= 0; got "
                              f"{save_every=}, {keep_last=}, {keep_best=}")
@@ -125,6 +128,8 @@ class Checkpointer:
         if keep_best:
             preserve.append(policies.BestN(get_metric_fn=_best_metric, reverse=True,
                                            n=keep_best, keep_checkpoints_without_metrics=False))
+        if keep_steps:
+            preserve.append(policies.CustomSteps(steps=[int(step) for step in keep_steps]))
         options = ocp.CheckpointManagerOptions(
             # No initial-save policy: the first step is saved only if the interval says so.
             save_decision_policy=policies.AnySavePolicy([
@@ -343,14 +348,10 @@ class PreemptionGuard:
 
     def should_stop(self) -> bool:
         """Whether any process was asked to stop. With several processes the flags are
-        OR-ed across them (one tiny all-gather), so every host stops after the same step and
-        they all take part in the final save."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        flags = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags))
+        OR-ed across them (``distributed.any_process``: one tiny all-gather, so call it once
+        per step, in every process), so every host stops after the same step and they all
+        take part in the final save."""
+        return distributed.any_process(self.requested)
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     evaluate.add_argument("--n", type=int, default=64, help="samples to evaluate (0: all)")
     evaluate.add_argument("--max-prompt-tokens", type=int, help="default: the run's, or 1024")
     evaluate.add_argument("--max-new-tokens", type=int, help="default: the run's, or 512")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, help="default: the run's, or 8")
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the baselines")
     evaluate.add_argument("--out", help="report JSON (default with --run: RUN/eval_SPLIT.json)")
     evaluate.set_defaults(func=_eval)
@@ -86,22 +86,24 @@ def _eval(args: argparse.Namespace) -> int:
     from reczero_jax.config import load_config
     from reczero_jax.data import load_split
     from reczero_jax.data.tfds_builder import find_prepared
-    from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
+    from reczero_jax.evaluate import REPORT_COLUMNS, EvalSettings
     from reczero_jax.models import from_pretrained
     from reczero_jax.models.hf import check_model_dir
-    from reczero_jax.rewards import TokenRewardFn
 
     model_dir, data_dir, out = args.model, args.data, args.out
-    max_prompt_tokens, max_new_tokens = args.max_prompt_tokens or 1024, args.max_new_tokens or 512
+    given = {name: value for name, value in (("max_prompt_tokens", args.max_prompt_tokens),
+                                             ("max_new_tokens", args.max_new_tokens),
+                                             ("batch_size", args.batch_size)) if value}
+    settings = EvalSettings(**given)
     if args.run:
         if not (Path(args.run) / "config.yaml").is_file():
             raise FileNotFoundError(f"--run {args.run} holds no config.yaml (pass the run_dir of "
                                     "a `reczero train` run)")
+        # Scored as the run's own evaluations were: its layout, reward variant and lengths.
         run = load_config(Path(args.run) / "config.yaml")
+        settings = EvalSettings.of_run(run, **given)
         model_dir = Path(args.run) / "export"
         data_dir = data_dir or run.data.dir
-        max_prompt_tokens = args.max_prompt_tokens or run.data.max_prompt_tokens
-        max_new_tokens = args.max_new_tokens or run.train.eval_max_new_tokens
         out = out or Path(args.run) / f"eval_{args.split}.json"
     if data_dir is None:
         raise ValueError("reczero eval --model needs --data (a directory from `reczero data "
@@ -114,9 +116,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = from_pretrained(model_dir)
     split = load_split(data_dir, args.split)
     records = [split[i] for i in range(len(split) if args.n <= 0 else min(args.n, len(split)))]
-    report = evaluate(model, tokenizer, records, reward_fn=TokenRewardFn(tokenizer),
-                      max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                      batch_size=args.batch_size)
+    report = settings.evaluate(model, tokenizer, records)
     table = {Path(model_dir).name if args.model else Path(args.run).name: report["metrics"]}
     if not args.no_baselines:
         train = load_split(data_dir, "train")

@@ -17,6 +17,7 @@ import jax
 from etils import epath
 from flax import nnx
 
+from reczero_jax import distributed
 from reczero_jax.config import ExperimentConfig, load_config
 from reczero_jax.mesh import param_shardings, single_device_mesh
 from reczero_jax.models import Decoder, save_pretrained
@@ -36,13 +37,10 @@ def export_model(model: Decoder, out_dir, *, tokenizer=None, dtype=None) -> list
     """``save_pretrained`` written by process 0 alone. Every process must call it: with
     several processes the parameters are first gathered to each host (a collective)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
+        # Whole on every host first: save_pretrained then runs in process 0 alone.
         graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda leaf: multihost_utils.process_allgather(leaf, tiled=True),
-                             state)
-        model = nnx.merge(graphdef, state)
-    if jax.process_index() != 0:
+        model = nnx.merge(graphdef, distributed.to_host(state))
+    if not distributed.is_primary():
         return []
     return save_pretrained(model, out_dir, dtype=dtype, tokenizer=tokenizer)
 

@@ -8,12 +8,17 @@ and T GRPO steps, SFT is steps 1..S and GRPO S+1..S+T, and step g's checkpoint h
 state after g updates. The GRPO phase starts with a fresh optimizer state.
 
 Writes into ``config.run_dir``: ``checkpoints/<g>/`` (Orbax: every ``train.checkpoint_every``
-steps, at the end of each phase and on SIGTERM; the newest ``train.keep_checkpoints`` are kept,
-plus the one of lowest validation MAE when validation runs), and, from process 0 alone,
-``config.yaml`` (resolved), ``metrics.jsonl`` (one line per step and phase; phase "val" every
-``train.eval_every`` GRPO steps), ``eval.json`` / ``eval.md`` (the evaluations, with per-sample
-answers in ``eval_samples.jsonl``) and ``export/`` (the final policy as a Hugging Face
-directory).
+steps, at the end of each phase, at each new lowest validation MAE and on SIGTERM; the newest
+``train.keep_checkpoints`` are kept, plus the one of lowest validation MAE when validation runs),
+and, from process 0 alone, ``config.yaml`` (resolved), ``metrics.jsonl`` (one line per step and
+phase; phase "val" every ``train.eval_every`` GRPO steps), ``eval.json`` / ``eval.md`` (the
+evaluations, with per-sample answers in ``eval_samples.jsonl``) and ``export/`` (the final
+policy as a Hugging Face directory).
+
+The final policy (``train.final_policy``): the last step's (``last``), or ``best_val``, the
+policy of the validated step of lowest MAE, restored from its checkpoint; when that is not the
+last step, it is evaluated too ("after GRPO, best validation (step g)"), so the report shows
+both, and it is the one exported.
 
 Several processes (the hosts of a pod slice; ``reczero train --coordinator ...``): each runs
 ``run`` with the same config (``run_dir`` may differ: it is each host's own disk), loads only its
@@ -42,6 +47,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -53,8 +59,8 @@ from reczero_jax.data.padding import default_pad_id
 from reczero_jax.data.pipeline import make_pipeline
 from reczero_jax.data.sft import sft_batch, sft_examples
 from reczero_jax.data.subset import take_subset
-from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
-from reczero_jax.mesh import make_mesh
+from reczero_jax.evaluate import REPORT_COLUMNS, EvalSettings
+from reczero_jax.mesh import make_mesh, param_shardings
 from reczero_jax.models import from_pretrained
 from reczero_jax.models.dtypes import jax_dtype
 from reczero_jax.observe import (
@@ -66,7 +72,6 @@ from reczero_jax.observe import (
     plot_run,
     scalar_metrics,
 )
-from reczero_jax.rewards import TokenRewardFn
 from reczero_jax.train.checkpoint import Checkpointer, PreemptionGuard, Restored, check_compatible
 from reczero_jax.train.export import checkpoint_directory, export_model
 from reczero_jax.train.step import Trainer, rollout
@@ -104,17 +109,18 @@ def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[st
     """Run (or resume) the program of ``config``; returns the evaluations so far by name."""
     run_dir = local_run_dir(config.run_dir)
     checkpoint_dir = checkpoint_directory(config)
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
         if restart:
             remove_outputs(run_dir, LOG_OUTPUTS)
             if checkpoint_dir.exists():
                 checkpoint_dir.rmtree()
-    _sync("run directory prepared")
+    distributed.sync("run directory prepared")
     checkpoints = Checkpointer(checkpoint_dir, save_every=config.train.checkpoint_every,
                                keep_last=config.train.keep_checkpoints,
-                               keep_best=1 if config.train.eval_every else 0)
+                               keep_best=1 if config.train.eval_every else 0,
+                               keep_steps=reference_steps(config))
     resume = find_resume(checkpoints, config)
     if primary:
         if resume is None:
@@ -144,6 +150,7 @@ def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[st
                       f"{checkpoints.directory}; the same command resumes the run")
                 return session.results
             session.run_eval(phase.eval_name, model, step=phase.offset + phase.steps)
+    model = session.final_policy(model, phases[-1])
 
     if primary:
         (run_dir / "eval.json").write_text(json.dumps(session.results, indent=2))
@@ -157,6 +164,14 @@ def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[st
     print(f"[reczero] run directory {run_dir}: eval.md, metrics.jsonl, tensorboard/, plots/, "
           f"export/; checkpoints in {checkpoints.directory}")
     return session.results
+
+
+def reference_steps(config: ExperimentConfig) -> tuple[int, ...]:
+    """Checkpoint steps kept for good: RecOne's last SFT step when GRPO has a KL penalty (its
+    parameters are the KL reference, which a resumed GRPO phase restores from there)."""
+    if config.algorithm == "recone" and config.grpo.kl_coef:
+        return (config.sft.steps,)
+    return ()
 
 
 def local_run_dir(run_dir: str) -> Path:
@@ -210,14 +225,6 @@ def rewind_logs(run_dir: Path, resume: Restored) -> None:
             path.write_text("".join(line + "\n" for line in lines))
 
 
-def _sync(name: str) -> None:
-    """With several processes, wait until all reach this point (process 0 prepares files)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 class Session:
     """What the phases of one run share: config, mesh, tokenizer, data, logs, checkpoints."""
 
@@ -238,20 +245,21 @@ class Session:
                                          config.seed)
         self.eval_records = take_subset(load_split(config.data.dir, config.data.eval_split),
                                         config.data.eval_samples)
-        self.reward_fn = TokenRewardFn(self.tokenizer, kind=config.train.reward)
+        # One setup for every evaluation of the run, and for `reczero eval --run` after it.
+        self.eval_settings = EvalSettings.of_run(config)
+        # train.reward: GRPO's reward and the evaluations' scoring rule, built once.
+        self.reward_fn = self.eval_settings.reward_fn(self.tokenizer)
         self.eos_ids = tuple(sorted(set(self.base_model.config.eos_token_ids)
                                     | {self.tokenizer.eos_token_id}))
         self._val_records = None
+        # Every validation's MAE by global step (kept in the checkpoints' progress).
+        self.validations: dict[int, float] = {}
 
     # -- evaluation -------------------------------------------------------------------
 
     def _evaluate(self, model, records, desc: str) -> dict[str, Any]:
-        config = self.config
-        return evaluate(model, self.tokenizer, records, reward_fn=self.reward_fn,
-                        max_prompt_tokens=config.data.max_prompt_tokens,
-                        max_new_tokens=config.train.eval_max_new_tokens,
-                        batch_size=config.train.eval_batch_size, layout=config.data.layout,
-                        desc=desc)
+        return self.eval_settings.evaluate(model, self.tokenizer, records,
+                                           reward_fn=self.reward_fn, desc=desc)
 
     def run_eval(self, name: str, model, step: int) -> None:
         """A report evaluation (on ``data.eval_split``), logged at global ``step``."""
@@ -267,13 +275,44 @@ class Session:
               f"tokens/request {m['tokens_per_request']:.0f}")
 
     def validate(self, model, step: int) -> dict[str, float]:
-        """Greedy evaluation on the validation split, logged as phase "val"."""
+        """Greedy evaluation on the validation split, logged as phase "val" and recorded."""
         if self._val_records is None:
             self._val_records = take_subset(load_split(self.config.data.dir, VAL_SPLIT),
                                             self.config.data.eval_samples)
         metrics = self._evaluate(model, self._val_records, "validation")["metrics"]
         self.log.write("val", step, metrics)
+        self.validations[step] = metrics["mae"]
         return {"val_mae": metrics["mae"]}
+
+    def best_validated_step(self) -> int | None:
+        """The validated step of lowest MAE, the latest of equals (the one the checkpoints'
+        best-N policy keeps); None before any validation."""
+        if not self.validations:
+            return None
+        return min(self.validations, key=lambda step: (self.validations[step], -step))
+
+    def final_policy(self, model, last: Phase):
+        """The policy to export: ``model`` (the last step's), or with ``train.final_policy``
+        ``best_val`` the best validated step's, restored from its checkpoint and evaluated
+        (unless it is the last step)."""
+        best, last_step = self.best_validated_step(), last.offset + last.steps
+        if self.config.train.final_policy == "last" or best is None or best == last_step:
+            return model
+        best_model = self.saved_policy(best, model)
+        print(f"[reczero] final policy: step {best} of lowest validation MAE "
+              f"({self.validations[best]:.4f}; last step {last_step}: "
+              f"{self.validations.get(last_step, float('nan')):.4f})")
+        # Logged at the last step: a resumed run redoes what follows its last checkpoint.
+        self.run_eval(f"{last.eval_name}, best validation (step {best})", best_model,
+                      step=last_step)
+        return best_model
+
+    def saved_policy(self, step: int, like):
+        """The policy saved at ``step``, as a module of ``like``'s structure on the mesh."""
+        graphdef, state = nnx.split(like)
+        restored = self.checkpoints.restore(step, abstract_params=state,
+                                            param_sharding=param_shardings(state, self.mesh))
+        return nnx.merge(graphdef, restored.params)
 
     # -- the step loop shared by both phases ----------------------------------------------
 
@@ -290,14 +329,17 @@ class Session:
             step = phase.offset + phase_step
             metrics = step_fn(phase_step, step)
             # A signal may reach some processes only: all stop (and save) at the same step.
-            stop = distributed.any_process(guard.should_stop())
+            stop = guard.should_stop()
+            # A new lowest validation MAE is saved whatever the cadence (train.final_policy).
+            best = "val_mae" in metrics and self.best_validated_step() == step
             rng_keys, data_state = saved_state()
             self.checkpoints.save(
                 step, params=trainer.params, opt_state=trainer.opt_state, rng_keys=rng_keys,
                 data_state=data_state, config=dataclasses.asdict(self.config),
                 metrics=scalar_metrics(metrics),
-                progress={"phase": phase.name, "phase_step": phase_step, "evals": self.results},
-                force=stop or phase_step == phase.steps)
+                progress={"phase": phase.name, "phase_step": phase_step, "evals": self.results,
+                          "validations": self.validations},
+                force=stop or best or phase_step == phase.steps)
             progress.set_postfix({k: f"{metrics[k]:.3f}" for k in ("loss", "reward_mean",
                                                                    "format_rate") if k in metrics})
             if stop:
@@ -319,6 +361,9 @@ class Session:
                 "from it, or start over with --restart")
         trainer.params, trainer.opt_state = restored.params, restored.opt_state
         self.results = dict(restored.progress["evals"])
+        # JSON keys are strings; checkpoints written before validations were recorded lack it.
+        self.validations = {int(step): mae for step, mae
+                            in restored.progress.get("validations", {}).items()}
         if self.log.enabled:
             rewind_logs(self.run_dir, restored)
         print(f"[reczero] resuming {self.run_dir} from checkpoint step {restored.step} "
@@ -366,13 +411,20 @@ class Session:
         """GRPO: rollout (sample G answers per prompt, token rewards, advantages) then update;
         arguments and result as ``warm_start``'s."""
         config = self.config
-        if resume and config.grpo.kl_coef and config.algorithm == "recone":
-            raise NotImplementedError(
-                "resuming RecOne's GRPO phase with grpo.kl_coef > 0 needs the post-SFT reference "
-                "policy, which checkpoints do not hold; set grpo.kl_coef=0 or --restart")
-        # The KL reference is the policy GRPO starts from: the base model, or the SFT result.
+        # The KL reference is the policy GRPO starts from: the base model, or the SFT result
+        # (the trainer keeps a frozen copy); a resumed RecOne reads the latter from the last
+        # SFT step, which is kept for it (reference_steps).
         reference = model if config.grpo.kl_coef else None
-        trainer = Trainer(model, self.mesh, config.optim, config.grpo, ref_model=reference)
+        if resume and reference_steps(config):
+            (sft_end,) = reference_steps(config)
+            if sft_end not in self.checkpoints.all_steps():
+                raise RuntimeError(
+                    f"resuming RecOne's GRPO phase with grpo.kl_coef > 0 needs the post-SFT "
+                    f"policy (the KL reference) of step {sft_end}, which "
+                    f"{self.checkpoints.directory} no longer holds (a run started before such "
+                    "steps were kept); set grpo.kl_coef=0 or start over with --restart")
+            reference = self.saved_policy(sft_end, model)
+        trainer = Trainer(model, self.mesh, config.optim, config.grpo, reference=reference)
         index, count = distributed.process_batch_share(self.mesh)
         batches = iter(make_pipeline(self.train_records, self.tokenizer,
                                      global_batch_size=config.train.prompts_per_step,
@@ -407,10 +459,7 @@ class Session:
                 print(f"[reczero] GRPO update: {report['peak_bytes'] / 2**30:.2f} GiB per device "
                       f"(XLA's estimate), within optim.memory_budget_gib="
                       f"{config.optim.memory_budget_gib:g}")
-            # With several updates per rollout, each one reuses it and the sampler's log-probs
-            # are the old policy's (see Trainer._grpo_loss_terms).
-            for _ in range(config.grpo.updates_per_rollout):
-                metrics = trainer.grpo_step(scored)
+            metrics = trainer.grpo_updates(scored)  # grpo.updates_per_rollout of them
             metrics.update(rollout_metrics(scored, batch["rating"]),
                            rollout_seconds=rollout_seconds,
                            update_seconds=time.perf_counter() - began - rollout_seconds)

@@ -1,11 +1,11 @@
 """The sharded GRPO and SFT update steps.
 
 One GRPO step: ``rollout`` (group sampling, token rewards and advantages, all jitted) then
-``Trainer.grpo_update`` (one ``jax.jit`` with explicit in/out shardings and donated
-parameters and optimizer state). Both losses go through ``_accumulated_update``, which
-splits the batch into micro-batches along the prompt axis with ``lax.scan``, sums loss
-numerators and gradients, divides by the summed denominator (exact accumulation, see
-``grpo.LossTerms``), and applies optax AdamW after global-norm clipping.
+``Trainer.grpo_update`` (one ``jax.jit`` with donated parameters and optimizer state, its
+inputs placed on their shardings, its outputs pinned to them). Both losses go through
+``_accumulated_update``, which splits the batch into micro-batches along the prompt axis with
+``lax.scan``, sums loss numerators and gradients, divides by the summed denominator (exact
+accumulation, see ``grpo.LossTerms``), and applies optax AdamW after global-norm clipping.
 
 Shapes: B prompts, G samples per prompt, P prompt length, R response length.
 """
@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reczero_jax import grpo
 from reczero_jax.config import GRPOConfig, OptimConfig, check_batch_split
-from reczero_jax.mesh import logical_to_spec, mesh_axis_size, param_shardings
+from reczero_jax.mesh import batch_sharding, logical_to_spec, mesh_axis_size, param_shardings
 from reczero_jax.models.decoder import Decoder
 from reczero_jax.policy import response_logits
 from reczero_jax.sampling import generate
@@ -70,7 +70,7 @@ def rollout(model: Decoder, reward_fn: Callable, prompt_ids, prompt_mask, ground
     sample = generate(model, prompt_ids, prompt_mask, num_samples=config.group_size,
                       max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                       top_p=config.top_p, top_k=config.top_k, eos_ids=eos_ids, pad_id=pad_id,
-                      rng=rng)
+                      rng=rng, shared_prompt=config.shared_prompt)
     return _score(reward_fn, config.group_size, config.estimator, jnp.asarray(prompt_ids),
                   jnp.asarray(prompt_mask), sample.tokens, sample.lengths, sample.logprobs,
                   jnp.asarray(ground_truths))
@@ -85,9 +85,11 @@ def _score(reward_fn, group_size, estimator, prompt_ids, prompt_mask, tokens, le
                                             lengths.reshape(-1), truths)
     advantages = grpo.group_advantages(rewards, group_size, estimator)
     mask = (jnp.arange(length) < lengths[..., None]).astype(jnp.float32)
-    return Rollout(prompt_ids, prompt_mask, tokens, mask, logprobs,
-                   rewards.reshape(batch, group), advantages.reshape(batch, group),
-                   format_ok.reshape(batch, group), ratings.reshape(batch, group), lengths)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, responses=tokens,
+                   response_mask=mask, old_logp=logprobs, rewards=rewards.reshape(batch, group),
+                   advantages=advantages.reshape(batch, group),
+                   format_ok=format_ok.reshape(batch, group),
+                   ratings=ratings.reshape(batch, group), lengths=lengths)
 
 
 class Trainer:
@@ -95,14 +97,20 @@ class Trainer:
 
     ``model`` is split once into a static graph and its parameter state; the jitted steps
     take and return the state (donated) under explicit shardings derived from the logical
-    axes of every parameter.
+    axes of every parameter. Their inputs arrive placed: the state by the trainer, the batch
+    by ``place`` (the batch axis over data x fsdp, ``mesh.batch_sharding``).
+
+    ``reference``: the KL penalty's reference policy (needed when ``grpo_config.kl_coef`` is
+    non-zero), e.g. the policy GRPO starts from. The trainer keeps a frozen copy of its
+    parameters in buffers of its own (``ref_params``): the updates donate the policy's, which
+    may be the same arrays.
     """
 
     def __init__(self, model: Decoder, mesh: Mesh, optim: OptimConfig, grpo_config: GRPOConfig
-                 | None = None, ref_model: Decoder | None = None):
+                 | None = None, reference: Decoder | None = None):
         self.mesh = mesh
         self.optim = optim
-        self.grpo = grpo_config or GRPOConfig()
+        self.grpo_config = grpo_config or GRPOConfig()
         self.graphdef, params = nnx.split(model)
         self.param_sharding = param_shardings(params, mesh)
         self.params = jax.device_put(params, self.param_sharding)
@@ -114,23 +122,23 @@ class Trainer:
             self.param_sharding, transform_non_params=lambda _: replicated)
         self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.params)
         self.ref_params = None
-        if self.grpo.kl_coef:
-            if ref_model is None:
-                raise ValueError("kl_coef is non-zero: pass ref_model (the initial policy)")
-            self.ref_params = jax.device_put(nnx.state(ref_model),
-                                             self.param_sharding)
+        if self.grpo_config.kl_coef:
+            if reference is None:
+                raise ValueError("grpo.kl_coef is non-zero: pass the reference policy "
+                                 "(reference=, e.g. the initial policy)")
+            # may_alias=False: a copy even where the arrays already sit on these shardings.
+            self.ref_params = jax.device_put(nnx.state(reference), self.param_sharding,
+                                             may_alias=False)
         self.grpo_update = jax.jit(
             self._grpo_update,
-            in_shardings=(self.param_sharding, self.opt_sharding, self._rollout_sharding(),
-                          self.param_sharding if self.ref_params is not None else None),
             out_shardings=(self.param_sharding, self.opt_sharding, replicated),
             donate_argnums=(0, 1),
         )
         self._grpo_loss_and_grads = jax.jit(
             lambda p, b, r: self._accumulated_grads(p, b, self._grpo_loss_terms(r))[:2])
+        self._policy_logprobs = jax.jit(self._response_logprobs)
         self.sft_update = jax.jit(
             self._sft_update,
-            in_shardings=(self.param_sharding, self.opt_sharding, self._batch_sharding(2)),
             out_shardings=(self.param_sharding, self.opt_sharding, replicated),
             donate_argnums=(0, 1),
         )
@@ -147,10 +155,11 @@ class Trainer:
         check_batch_split(num_prompts, self.optim.micro_batches,
                           mesh_axis_size(self.mesh, logical_to_spec(("batch",))[0]))
 
-    def place(self, rollout_batch: Rollout) -> Rollout:
-        """The rollout resharded to the update's input shardings (batch over data x fsdp): the
-        sampler's outputs may come out laid out otherwise, e.g. replicated prompts."""
-        return jax.device_put(rollout_batch, self._rollout_sharding())
+    def place(self, batch):
+        """A batch (a Rollout, or any pytree of [batch, ...] arrays) resharded to the updates'
+        input shardings (batch over data x fsdp): the sampler's outputs may come out laid out
+        otherwise, e.g. replicated prompts."""
+        return jax.device_put(batch, batch_sharding(self.mesh, batch))
 
     def grpo_step(self, rollout_batch: Rollout) -> dict[str, Any]:
         """One policy update on a scored rollout; returns host metrics."""
@@ -159,10 +168,37 @@ class Trainer:
             self.params, self.opt_state, self.place(rollout_batch), self.ref_params)
         return jax.device_get(metrics)
 
+    def grpo_updates(self, rollout_batch: Rollout) -> dict[str, Any]:
+        """``grpo_config.updates_per_rollout`` updates on one rollout; the last one's metrics.
+
+        With one update the step is on-policy (ratio exactly 1, see ``_grpo_loss_terms``).
+        With more, the ratio pi / pi_old matters from the second on, and the sampler's
+        log-probs are not pi_old's: they are of its truncated distribution (top-p / top-k)
+        and of another computation (the KV-cached decode). So, as verl does, pi_old's
+        log-probs are recomputed by the policy before the first update
+        (``with_policy_logprobs``) and the gap to the sampler's is logged.
+        """
+        gap = {}
+        if self.grpo_config.updates_per_rollout > 1:
+            rollout_batch, gap = self.with_policy_logprobs(rollout_batch)
+        for _ in range(self.grpo_config.updates_per_rollout):
+            metrics = self.grpo_step(rollout_batch)
+        return {**metrics, **gap}
+
+    def with_policy_logprobs(self, rollout_batch: Rollout) -> tuple[Rollout, dict[str, float]]:
+        """The rollout with ``old_logp`` [B, G, R] the current policy's log-probs of its
+        responses (at the sampling temperature, untruncated), and the gap to the sampler's:
+        ``sampler_logp_gap_max`` / ``_mean``, max / mean of |sampler - policy| over response
+        tokens."""
+        placed = self.place(rollout_batch)
+        logp, gap_max, gap_mean = self._policy_logprobs(self.params, placed)
+        return placed._replace(old_logp=logp), {"sampler_logp_gap_max": float(gap_max),
+                                                "sampler_logp_gap_mean": float(gap_mean)}
+
     def sft_step(self, input_ids, attention_mask, loss_mask) -> dict[str, Any]:
         """One SFT update: next-token loss where ``loss_mask`` [B, T] marks response tokens."""
         self.check_batch(np.shape(input_ids)[0])
-        batch = tuple(jnp.asarray(a) for a in (input_ids, attention_mask, loss_mask))
+        batch = self.place(tuple(jnp.asarray(a) for a in (input_ids, attention_mask, loss_mask)))
         self.params, self.opt_state, metrics = self.sft_update(self.params, self.opt_state, batch)
         return jax.device_get(metrics)
 
@@ -205,7 +241,7 @@ class Trainer:
     # -- compiled bodies ----------------------------------------------------------------
 
     def _grpo_loss_terms(self, ref_params):
-        config = self.grpo
+        config = self.grpo_config
 
         def loss_terms(params, micro: Rollout):
             logits = self._response_logits(params, micro)
@@ -213,6 +249,7 @@ class Trainer:
             flat = lambda x: x.reshape(-1, x.shape[-1])  # [b, G, R] -> [b*G, R]
             # One update per rollout (the paper's setting) is on-policy: the old policy is the
             # current one, so its log-probs are these under stop_gradient (ratio exactly 1).
+            # With more, grpo_updates recomputed micro.old_logp with the policy first.
             old_logp = (jax.lax.stop_gradient(logp) if config.updates_per_rollout == 1
                         else micro.old_logp)
             terms, metrics = grpo.policy_loss(
@@ -236,9 +273,10 @@ class Trainer:
                 bonus = grpo.masked_aggregate(flat(entropy), flat(micro.response_mask),
                                               config.loss_agg, config.max_new_tokens)
                 numerator = numerator - config.entropy_coef * bonus.numerator
+            # At the sampling temperature, as the bonus: the entropy of what was sampled.
             metrics["entropy"] = grpo.entropy_from_logits(
                 jax.lax.stop_gradient(logits).reshape(-1, *logits.shape[2:]),
-                flat(micro.response_mask))
+                flat(micro.response_mask), config.temperature)
             return grpo.LossTerms(numerator, terms.denominator), metrics
 
         return loss_terms
@@ -264,15 +302,33 @@ class Trainer:
     def _response_logits(self, params, micro: Rollout):
         model = nnx.merge(self.graphdef, params)
         return response_logits(model, micro.prompt_ids, micro.prompt_mask, micro.responses,
-                               shared_prompt=self.grpo.shared_prompt)
+                               shared_prompt=self.grpo_config.shared_prompt)
+
+    def _response_logprobs(self, params, batch: Rollout):
+        """log pi(responses) [B, G, R] at the sampling temperature, one micro-batch at a time
+        (the logits of a whole batch may not fit), and the max / mean |batch.old_logp - it|
+        over response tokens."""
+        def micro_logprobs(micro: Rollout):
+            return grpo.token_logprobs(self._response_logits(params, micro), micro.responses,
+                                       self.grpo_config.temperature)
+
+        logp = jax.lax.map(micro_logprobs, self._micro_batches(batch))
+        logp = logp.reshape(batch.responses.shape)
+        length = logp.shape[-1]
+        gap = jnp.abs(batch.old_logp.astype(jnp.float32) - logp).reshape(-1, length)
+        mask = batch.response_mask.reshape(-1, length)
+        return logp, jnp.where(mask != 0, gap, 0.0).max(), grpo.masked_mean(gap, mask)
+
+    def _micro_batches(self, batch):
+        """[B, ...] leaves -> [k, B / k, ...]: ``optim.micro_batches`` along the prompt axis."""
+        micro = self.optim.micro_batches
+        return jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
 
     def _accumulated_grads(self, params, batch, loss_terms):
         """Full-batch loss and gradient from micro-batches k along the prompt axis:
         loss = sum_k numerator_k / sum_k denominator_k, grad = sum_k grad(numerator_k) / same.
         Metrics are averaged over micro-batches."""
-        micro = self.optim.micro_batches
-        split = jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]),
-                             batch)
+        split = self._micro_batches(batch)
 
         def numerator(params, micro_batch):
             terms, metrics = loss_terms(params, micro_batch)
@@ -298,12 +354,3 @@ class Trainer:
         metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                        learning_rate=jnp.float32(self.optim.learning_rate))
         return params, opt_state, metrics
-
-    # -- shardings ----------------------------------------------------------------------
-
-    def _batch_sharding(self, ndim: int) -> NamedSharding:
-        return NamedSharding(self.mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
-
-    def _rollout_sharding(self) -> Rollout:
-        ndims = Rollout(2, 2, 3, 3, 3, 2, 2, 2, 2, 2)
-        return Rollout(*(self._batch_sharding(n) for n in ndims))
