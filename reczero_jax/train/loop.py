@@ -150,7 +150,7 @@ def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[st
                       f"{checkpoints.directory}; the same command resumes the run")
                 return session.results
             session.run_eval(phase.eval_name, model, step=phase.offset + phase.steps)
-    model = session.final_policy(model, phases[-1])
+        model = session.final_policy(model, phases[-1])  # evaluated and logged: in the with
 
     if primary:
         (run_dir / "eval.json").write_text(json.dumps(session.results, indent=2))
