@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from reczero_jax import distributed
 from reczero_jax.data.pipeline import default_pad_id, make_pipeline
 from reczero_jax.models.decoder import Decoder
+from reczero_jax.models.hf import stop_token_ids
 from reczero_jax.rewards import TokenRewardFn, rating_metrics
 from reczero_jax.sampling import generate
 
@@ -44,7 +45,7 @@ def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
                             max_prompt_tokens=max_prompt_tokens, shuffle=False,
                             drop_remainder=False, layout=layout, process_index=index,
                             process_count=count)
-    pad_id = default_pad_id(tokenizer)
+    pad_id, eos_ids = default_pad_id(tokenizer), stop_token_ids(model.config, tokenizer)
     rows: list[dict[str, Any]] = []
     generated_tokens, batch_seconds = 0, []
     progress = tqdm(total=len(records), desc=desc, unit="sample", leave=False,
@@ -57,8 +58,8 @@ def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
              "record_index": local["record_index"].astype(np.int32),
              "valid": local["valid"]}, model.mesh)
         out = generate(model, batch["prompt_ids"], batch["prompt_mask"], num_samples=1,
-                       max_new_tokens=max_new_tokens, temperature=0.0, pad_id=pad_id,
-                       rng=jax.random.key(0))
+                       max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=eos_ids,
+                       pad_id=pad_id, rng=jax.random.key(0))
         tokens, lengths = out.tokens[:, 0], out.lengths[:, 0]
         _, format_ok, rating = reward_fn(tokens, lengths, batch["rating"])
         format_ok, rating, tokens, lengths, valid, record_index = distributed.to_host(

@@ -76,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
     from reczero_jax.config import load_config
     from reczero_jax.data import load_split
     from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
-    from reczero_jax.models import from_pretrained
+    from reczero_jax.models import from_pretrained, stop_token_ids
     from reczero_jax.rewards import TokenRewardFn
 
     model_dir, data_dir, out = args.model, args.data, args.out
@@ -95,7 +95,8 @@ def _eval(args: argparse.Namespace) -> int:
     model = from_pretrained(model_dir)
     split = load_split(data_dir, args.split)
     records = [split[i] for i in range(len(split) if args.n <= 0 else min(args.n, len(split)))]
-    report = evaluate(model, tokenizer, records, reward_fn=TokenRewardFn(tokenizer),
+    reward_fn = TokenRewardFn(tokenizer, eos_ids=stop_token_ids(model.config, tokenizer))
+    report = evaluate(model, tokenizer, records, reward_fn=reward_fn,
                       max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                       batch_size=args.batch_size)
     table = {Path(model_dir).name if args.model else Path(args.run).name: report["metrics"]}

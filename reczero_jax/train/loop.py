@@ -52,7 +52,7 @@ from reczero_jax.data import load_split
 from reczero_jax.data.pipeline import default_pad_id, make_pipeline
 from reczero_jax.evaluate import REPORT_COLUMNS, evaluate
 from reczero_jax.mesh import make_mesh
-from reczero_jax.models import from_pretrained
+from reczero_jax.models import from_pretrained, stop_token_ids
 from reczero_jax.observe import METRICS_FILE, RunLogger, plot_run, scalar_metrics
 from reczero_jax.rewards import TokenRewardFn
 from reczero_jax.train.checkpoint import Checkpointer, PreemptionGuard, Restored, check_compatible
@@ -229,9 +229,9 @@ class Session:
         self.train_records = _take(load_split(config.data.dir, "train"), config.data.train_samples)
         self.eval_records = _take(load_split(config.data.dir, config.data.eval_split),
                                   config.data.eval_samples)
-        self.reward_fn = TokenRewardFn(self.tokenizer, kind=config.train.reward)
-        self.eos_ids = tuple(sorted(set(self.base_model.config.eos_token_ids)
-                                    | {self.tokenizer.eos_token_id}))
+        self.eos_ids = stop_token_ids(self.base_model.config, self.tokenizer)
+        self.reward_fn = TokenRewardFn(self.tokenizer, kind=config.train.reward,
+                                       eos_ids=self.eos_ids)
         self._val_records = None
 
     # -- evaluation -------------------------------------------------------------------
