@@ -369,13 +369,13 @@ def compare_greedy(theirs, prompts, tokens, lengths, max_new_tokens: int, eos_id
     ]
 
 
-def token_reward_for(tokenizer):
-    """Our jitted token reward for ``tokenizer``, or None for a tokenizer that is not
-    byte-level BPE (then only the host reward is compared)."""
+def token_reward_for(tokenizer, eos_ids):
+    """Our jitted token reward for ``tokenizer`` (responses end at ``eos_ids``), or None for a
+    tokenizer that is not byte-level BPE (then only the host reward is compared)."""
     from reczero_jax.rewards import TokenRewardFn
 
     try:
-        return TokenRewardFn(tokenizer)
+        return TokenRewardFn(tokenizer, eos_ids=eos_ids)
     except ValueError:
         return None
 
@@ -489,7 +489,7 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
                          "installed: pip install -e '.[dev]' (torch==2.13.0, CPU build)") from None
 
     from reczero_jax.data.padding import default_pad_id, left_pad
-    from reczero_jax.models.hf import check_model_dir, from_pretrained
+    from reczero_jax.models.hf import check_model_dir, from_pretrained, stop_token_ids
 
     check_model_dir(model_dir, "--model")
     if n < 1 or max_new_tokens < 1 or group_size < 2 or tolerance_scale < 0:
@@ -502,7 +502,7 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
         ours = from_pretrained(model_dir)
         prompts, truths, described = load_prompts(tokenizer, data, split, n, max_prompt_tokens,
                                                   layout)
-        pad_id, eos_ids = default_pad_id(tokenizer), ours.config.eos_token_ids
+        pad_id, eos_ids = default_pad_id(tokenizer), stop_token_ids(ours.config, tokenizer)
         log(f"inputs: {described}, {min(map(len, prompts))}..{max(map(len, prompts))} tokens; "
             f"greedy {max_new_tokens} new tokens; GRPO group {group_size}")
         log(f"reference: transformers {transformers.__version__}, torch {torch.__version__} (cpu, "
@@ -519,7 +519,7 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
                         lengths, max_new_tokens, eos_ids, pad_id, tolerance_scale)
         greedy = [tokens[row, :lengths[row]] for row in range(len(prompts))]
         probes = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in PROBES]
-        token_reward = token_reward_for(tokenizer)
+        token_reward = token_reward_for(tokenizer, eos_ids)
         decode = tokenizer.decode if token_reward is None else token_reward.decode
         checks += timed("rewards", log, compare_rewards, token_reward, decode, greedy + probes,
                         truths + [y for _, y in PROBES])

@@ -22,6 +22,7 @@ from reczero_jax import distributed
 from reczero_jax.data.padding import default_pad_id
 from reczero_jax.data.pipeline import make_pipeline
 from reczero_jax.models.decoder import Decoder
+from reczero_jax.models.hf import stop_token_ids
 from reczero_jax.rewards import TokenRewardFn, rating_metrics
 from reczero_jax.sampling import generate
 
@@ -59,15 +60,17 @@ class EvalSettings:
         return dataclasses.replace(
             settings, **{name: value for name, value in overrides.items() if value is not None})
 
-    def reward_fn(self, tokenizer) -> TokenRewardFn:
-        return TokenRewardFn(tokenizer, kind=self.reward)
+    def reward_fn(self, tokenizer, eos_ids: Sequence[int]) -> TokenRewardFn:
+        """The reward variant's token reward; ``eos_ids``: the model's stop tokens
+        (``models.stop_token_ids``), left out of a response they end."""
+        return TokenRewardFn(tokenizer, kind=self.reward, eos_ids=eos_ids)
 
     def evaluate(self, model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
                  reward_fn: TokenRewardFn | None = None, desc: str = "eval") -> dict[str, Any]:
-        """``evaluate`` with these settings. ``reward_fn``: ``self.reward_fn(tokenizer)``,
-        built once by a caller that evaluates repeatedly (default: built here)."""
-        return evaluate(model, tokenizer, records,
-                        reward_fn=reward_fn or self.reward_fn(tokenizer),
+        """``evaluate`` with these settings. ``reward_fn``: ``self.reward_fn(...)``, built once
+        by a caller that evaluates repeatedly (default: built here)."""
+        reward_fn = reward_fn or self.reward_fn(tokenizer, stop_token_ids(model.config, tokenizer))
+        return evaluate(model, tokenizer, records, reward_fn=reward_fn,
                         max_prompt_tokens=self.max_prompt_tokens,
                         max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                         layout=self.layout, desc=desc)
@@ -88,7 +91,7 @@ def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
                             max_prompt_tokens=max_prompt_tokens, shuffle=False,
                             drop_remainder=False, layout=layout, process_index=index,
                             process_count=count)
-    pad_id = default_pad_id(tokenizer)
+    pad_id, eos_ids = default_pad_id(tokenizer), stop_token_ids(model.config, tokenizer)
     rows: list[dict[str, Any]] = []
     generated_tokens, batch_seconds = 0, []
     progress = tqdm(total=len(records), desc=desc, unit="sample", leave=False,
@@ -101,8 +104,8 @@ def evaluate(model: Decoder, tokenizer, records: Sequence[dict[str, Any]], *,
              "record_index": local["record_index"].astype(np.int32),
              "valid": local["valid"]}, model.mesh)
         out = generate(model, batch["prompt_ids"], batch["prompt_mask"], num_samples=1,
-                       max_new_tokens=max_new_tokens, temperature=0.0, pad_id=pad_id,
-                       rng=jax.random.key(0))
+                       max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=eos_ids,
+                       pad_id=pad_id, rng=jax.random.key(0))
         tokens, lengths = out.tokens[:, 0], out.lengths[:, 0]
         _, format_ok, rating = reward_fn(tokens, lengths, batch["rating"])
         format_ok, rating, tokens, lengths, valid, record_index = distributed.to_host(

@@ -37,6 +37,7 @@ from reczero_jax.models.decoder import (
     causal_mask,
     positions_from_mask,
 )
+from reczero_jax.models.hf import stop_token_ids
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -185,15 +186,16 @@ def generate(model: Decoder, prompt_ids, prompt_mask, *, num_samples: int, max_n
     prompt_ids, prompt_mask: [B, P] (left padding; positions come from the mask): host arrays
     of the whole batch, or global ``jax.Array`` s (several processes: ``distributed.global_batch``
     of each one's rows). The prompt length is padded up to a bucket so few shapes compile.
-    ``eos_ids`` defaults to the model config's EOS ids; pass ``()`` to always generate
-    ``max_new_tokens`` tokens.
+    ``eos_ids`` defaults to the model's own (``models.stop_token_ids(model.config)``: config.json's
+    and generation_config.json's; callers with a tokenizer pass ``stop_token_ids(model.config,
+    tokenizer)``); pass ``()`` to always generate ``max_new_tokens`` tokens.
     ``temperature=0`` is greedy decoding. Returns a SampleOutput of [B, G, R] arrays.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    eos_ids = tuple(model.config.eos_token_ids if eos_ids is None else eos_ids)
+    eos_ids = tuple(stop_token_ids(model.config) if eos_ids is None else eos_ids)
     prompt_ids, prompt_mask = _place_batch(model, prompt_ids, prompt_mask)
     prompt_ids, prompt_mask, prompt_lengths = _prepare_prompts(
         prompt_ids, prompt_mask, length=bucket_length(prompt_ids.shape[1], buckets),

@@ -1,14 +1,18 @@
 """Greedy evaluation: metrics against hand-computed rows (parse failures scored by the
 user-average fallback), the history-length breakdown, and one evaluate() run on a tiny model."""
 
+import dataclasses
 import math
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from reczero_jax.config import load_config
 from reczero_jax.data import load_split
+from reczero_jax.data.padding import default_pad_id
+from reczero_jax.data.pipeline import make_pipeline
 from reczero_jax.data.samples import SampleConfig
 from reczero_jax.data.tfds_builder import SourceConfig, prepare
 from reczero_jax.evaluate import (
@@ -20,6 +24,7 @@ from reczero_jax.evaluate import (
 )
 from reczero_jax.models import Decoder, ModelConfig
 from reczero_jax.rewards import TokenRewardFn
+from reczero_jax.sampling import generate
 
 
 def row(rating, prediction, user_avg, format_ok, history_length):
@@ -120,3 +125,30 @@ def test_a_runs_evaluation_settings_come_from_its_config():
     # Overrides given (e.g. `reczero eval --run --max-new-tokens 9`) win; None keeps the run's.
     overridden = EvalSettings.of_run(config, max_new_tokens=9, batch_size=None)
     assert (overridden.max_new_tokens, overridden.batch_size) == (9, 4)
+
+
+def test_evaluate_stops_at_generation_config_eos(smollm2_tokenizer, test_records):
+    """Evaluation stops at the union of config.json's, generation_config.json's and the
+    tokenizer's EOS ids: B, named by the generation config alone, ends row 0 at step 2."""
+    config = ModelConfig(model_type="llama", vocab_size=len(smollm2_tokenizer), hidden_size=32,
+                         intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=8, tie_word_embeddings=True)  # config.json names no EOS
+    records, max_new_tokens = test_records[:2], 6
+    batch = next(iter(make_pipeline(records, smollm2_tokenizer, global_batch_size=2,
+                                    max_prompt_tokens=512, shuffle=False,
+                                    drop_remainder=False)))
+    free = np.asarray(generate(Decoder(config, rngs=nnx.Rngs(0)), batch["prompt_ids"],
+                               batch["prompt_mask"], num_samples=1, eos_ids=(),
+                               max_new_tokens=max_new_tokens, temperature=0.0,
+                               pad_id=default_pad_id(smollm2_tokenizer),
+                               rng=jax.random.key(0)).tokens[:, 0])
+    stop = int(free[0, 2])
+    with_generation_eos = Decoder(dataclasses.replace(config, generation_eos_token_ids=(stop,)),
+                                  rngs=nnx.Rngs(0))  # the same weights
+    rows = evaluate(with_generation_eos, smollm2_tokenizer, records,
+                    reward_fn=TokenRewardFn(smollm2_tokenizer), max_prompt_tokens=512,
+                    max_new_tokens=max_new_tokens, batch_size=2)["rows"]
+    for row, tokens in zip(rows, free, strict=True):
+        hits = np.flatnonzero(np.isin(tokens, [stop, smollm2_tokenizer.eos_token_id]))
+        assert row["generated_tokens"] == (hits[0] + 1 if hits.size else max_new_tokens)
+    assert rows[0]["generated_tokens"] <= 3

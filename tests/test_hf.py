@@ -126,7 +126,7 @@ def test_left_padded_batch_matches_each_row_alone(checkpoint):
 def test_export_round_trip_loads_in_transformers(checkpoint, tmp_path):
     case, torch_model, _, model = checkpoint
     written = save_pretrained(model, tmp_path)
-    assert {p.name for p in written} == {"model.safetensors", "config.json"}
+    assert {p.name for p in written} == {"model.safetensors", "config.json", "generation_config.json"}
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path,
                                                                  attn_implementation="eager")
     assert type(reloaded) is type(torch_model)

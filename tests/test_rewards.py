@@ -173,14 +173,29 @@ GOLDEN = [
     ("rating", "<rate>a<rate>3</rate>", 3, -1.0, False, None),
     ("rating", "</rate><rate>3", 3, -1.0, False, None),
     ("rating", think(), 4, -1.0, False, None),
-    # exact match: round half to even on the exact decimal value
+    # a special token inside a response is its text, as the authors decode it
+    ("rating", four_steps(rate="4<|endoftext|>"), 4, -1.0, False, None),
+    ("rating", four_steps(rate="<|im_end|> 4"), 4, -1.0, False, None),
+    ("rating", four_steps(match="<|im_start|>"), 4, 2.0, True, 4.0),
+    ("rating", four_steps() + "<|im_start|>", 4, 2.0, True, 4.0),
+    ("exact", four_steps(rate="4<|im_end|>"), 4, -1.0, False, None),
+    ("think_answer", think(answer="4<|endoftext|>"), 4, -1.0, False, None),
+    ("answer_only", "4<|im_start|>", 4, -1.0, False, None),
+    # exact match: the authors' float(pred) == float(gt), no rounding, on the exact decimal
     ("exact", four_steps(rate="4"), 4, 3.0, True, 4.0),
-    ("exact", four_steps(rate="3.6"), 4, 3.0, True, 3.6),
+    ("exact", four_steps(rate=" 4.0 "), 4, 3.0, True, 4.0),
+    ("exact", four_steps(rate="40e-1"), 4, 3.0, True, 4.0),
+    ("exact", four_steps(rate="+004.000"), 4, 3.0, True, 4.0),
+    ("exact", four_steps(rate="5"), 5, 3.0, True, 5.0),
+    ("exact", four_steps(rate="1.0"), 1, 3.0, True, 1.0),
+    ("exact", four_steps(rate="4"), 3, -0.5, True, 4.0),
+    ("exact", four_steps(rate="3.6"), 4, -0.5, True, 3.6),
     ("exact", four_steps(rate="3.4"), 4, -0.5, True, 3.4),
-    ("exact", four_steps(rate="2.5"), 2, 3.0, True, 2.5),
-    ("exact", four_steps(rate="3.5"), 4, 3.0, True, 3.5),
+    ("exact", four_steps(rate="2.5"), 2, -0.5, True, 2.5),
+    ("exact", four_steps(rate="3.5"), 4, -0.5, True, 3.5),
     ("exact", four_steps(rate="4.5"), 5, -0.5, True, 4.5),
-    ("exact", four_steps(rate="4.5000000000000000001"), 5, 3.0, True, 4.5),
+    ("exact", four_steps(rate="4.5000000000000000001"), 5, -0.5, True, 4.5),
+    ("exact", four_steps(rate="4.0000000000000000001"), 4, -0.5, True, 4.0),
     ("exact", four_steps(rate="4.49"), 5, -0.5, True, 4.49),
     ("exact", four_steps(rate="4 stars"), 4, -1.0, False, None),
     ("exact", four_steps(match=""), 4, -1.0, False, 4.0),
@@ -269,6 +284,43 @@ def test_token_reward_golden(tokenizer_name, request, reward_fns):
             ):
                 assert fn.decode(ids) == text
                 assert (host.reward, host.format_ok) == (pytest.approx(reward), format_ok)
+
+
+@pytest.mark.parametrize("tokenizer_name", TOKENIZERS)
+def test_terminating_eos_is_not_part_of_the_response(tokenizer_name, request):
+    """The sampler's length counts the EOS that ended a response; both paths score the
+    response without it, while an EOS id anywhere else is text like any special token."""
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    four = tokenizer("4", add_special_tokens=False).input_ids
+    rate = tokenizer(four_steps(), add_special_tokens=False).input_ids
+    n = len(four)
+    cases = {  # kind: [(ids, length, format_ok)]
+        "answer_only": [
+            (four + [im_end], n + 1, True),
+            (four + [endoftext], n + 1, True),
+            (four + [im_end, 7], n + 1, True),  # the token after the length is not read
+            (four + [im_end], n, True),
+            (four + [im_end, im_end], n + 2, False),  # only the last token ends the response
+            ([endoftext] + four, n + 1, False),
+        ],
+        "rating": [
+            (rate + [endoftext], len(rate) + 1, True),
+            (rate[:-3] + [endoftext] + rate[-3:], len(rate) + 1, False),  # inside <rate>
+        ],
+    }
+    for kind, rows in cases.items():
+        fn = TokenRewardFn(tokenizer, kind, eos_ids=(im_end, endoftext))
+        hosts = check_batch(fn, kind, [ids for ids, _, _ in rows],
+                            [length for _, length, _ in rows], [4] * len(rows))
+        assert [h.format_ok for h in hosts] == [ok for *_, ok in rows], kind
+    # By default the EOS is the tokenizer's alone: another special token at the end is text.
+    default = TokenRewardFn(tokenizer, "answer_only")
+    assert default.eos_ids == (tokenizer.eos_token_id,)
+    other = endoftext if tokenizer.eos_token_id == im_end else im_end
+    hosts = check_batch(default, "answer_only", [four + [tokenizer.eos_token_id], four + [other]],
+                        [n + 1, n + 1], [4, 4])
+    assert [h.format_ok for h in hosts] == [True, False]
 
 
 # ------------------------------------------------------------- property-based agreement
@@ -477,10 +529,13 @@ def test_vmap_matches_batched_call(qwen2_tokenizer, reward_fns):
 def test_byte_table_decodes_like_the_tokenizer(tokenizer_name, request):
     tokenizer = request.getfixturevalue(tokenizer_name)
     table = TokenBytes.from_tokenizer(tokenizer)
-    for text in ["<analyze user> wörld 日本語 🎉\n\t x", "  two  spaces", "<|im_end|>tail", ""]:
+    for text in ["<analyze user> wörld 日本語 🎉\n\t x", "  two  spaces", "<|im_end|>tail",
+                 "<rate>4<|endoftext|></rate><|im_start|>", ""]:
         ids = tokenizer(text, add_special_tokens=False).input_ids
-        assert table.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
-    assert all(table.lengths[i] == 0 for i in tokenizer.all_special_ids)
+        assert table.decode(ids) == tokenizer.decode(ids, skip_special_tokens=False) == text
+    # special tokens are their text (the authors' decode keeps them)
+    for token_id in tokenizer.all_special_ids:
+        assert table.token_bytes(token_id) == tokenizer.convert_ids_to_tokens(token_id).encode()
     assert table.decode([-1, table.vocab_size, 10**9]) == ""
     # A token cut mid-character decodes with U+FFFD, the shared convention.
     ids = tokenizer("🎉", add_special_tokens=False).input_ids
@@ -507,9 +562,9 @@ def test_added_tokens_special_or_not():
     table = TokenBytes.from_tokenizer(tokenizer)
     think_id, eos_id = tokenizer.convert_tokens_to_ids(["<think>", "<eos>"])
     assert table.token_bytes(think_id) == b"<think>"
-    assert table.token_bytes(eos_id) == b""
+    assert table.token_bytes(eos_id) == b"<eos>"
     ids = tokenizer("<think>é<eos>", add_special_tokens=False).input_ids
-    assert table.decode(ids) == "<think>é"
+    assert table.decode(ids) == "<think>é<eos>"
 
 
 def test_non_byte_level_tokenizers_are_rejected():

@@ -2,6 +2,7 @@
 
 from reczero_jax.models.config import ModelConfig
 from reczero_jax.models.decoder import Decoder, KVCache, Prefix
-from reczero_jax.models.hf import from_pretrained, save_pretrained
+from reczero_jax.models.hf import from_pretrained, save_pretrained, stop_token_ids
 
-__all__ = ["Decoder", "KVCache", "ModelConfig", "Prefix", "from_pretrained", "save_pretrained"]
+__all__ = ["Decoder", "KVCache", "ModelConfig", "Prefix", "from_pretrained", "save_pretrained",
+           "stop_token_ids"]

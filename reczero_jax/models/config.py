@@ -25,6 +25,10 @@ class ModelConfig:
     projection never has a bias here. ``rope_scaling`` holds the llama3 parameters
     (``factor``, ``low_freq_factor``, ``high_freq_factor``,
     ``original_max_position_embeddings``) or is None for plain RoPE.
+    ``generation_eos_token_ids`` are ``generation_config.json``'s EOS ids, which may name more
+    than ``config.json``'s (Qwen2.5-Instruct: ``<|im_end|>`` and ``<|endoftext|>``, where
+    ``config.json`` has one); they are not part of ``config.json`` (``to_hf``/``from_hf``).
+    ``models.hf.stop_token_ids`` joins both with the tokenizer's.
     """
 
     model_type: str
@@ -43,6 +47,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    generation_eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_ARCHITECTURES:

@@ -12,6 +12,10 @@ Layouts (per layer for the stacked ``layers.*`` parameters; d width, H/K heads, 
   ``o_proj [d, H*D]`` <-> ``wo [H, D, d]`` (``n_in`` = how many of our leading dims are
   inputs: 1 for ``wq``, 2 for ``wo``).
 
+``generation_config.json`` contributes the EOS ids generation stops at
+(``ModelConfig.generation_eos_token_ids``); ``stop_token_ids`` is the one place that joins them
+with ``config.json``'s and the tokenizer's, and the writers record that union in the file.
+
 Loading fills one stacked parameter at a time from the L per-layer tensors (read lazily
 with ``safetensors.safe_open``) into a single host buffer, then places it straight into
 its target sharding, so host memory holds at most one parameter kind, never the model twice.
@@ -24,7 +28,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -41,6 +45,8 @@ from reczero_jax.models.decoder import Decoder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _FLOAT_DTYPES = ("F32", "BF16", "F16")
 
@@ -128,11 +134,41 @@ def check_model_dir(path: str | os.PathLike, what: str = "model directory",
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    """ModelConfig from ``path/config.json`` (transformers 4.x or 5.x layout)."""
-    config_file = Path(path) / "config.json"
+    """ModelConfig from ``path/config.json`` (transformers 4.x or 5.x layout), with the EOS ids
+    of ``path/generation_config.json`` when that file exists."""
+    config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: is {path} a Hugging Face model dir?")
-    return ModelConfig.from_hf(json.loads(config_file.read_text()))
+    config = ModelConfig.from_hf(json.loads(config_file.read_text()))
+    return dataclasses.replace(config, generation_eos_token_ids=_generation_eos_ids(path))
+
+
+def _generation_eos_ids(path: str | os.PathLike) -> tuple[int, ...]:
+    """``eos_token_id`` (an int or a list) of ``path/generation_config.json``; () without one."""
+    file = Path(path) / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return ()
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{file}: eos_token_id must be an integer or a list of integers, "
+                         f"got {eos!r}; fix or delete the file")
+    return tuple(ids)
+
+
+def stop_token_ids(config: ModelConfig, tokenizer=None) -> tuple[int, ...]:
+    """The ids a response ends at, sorted: the union of ``config.json``'s EOS ids,
+    ``generation_config.json``'s and (when given) the tokenizer's ``eos_token_id``.
+
+    What the sampler, evaluation and training stop at, and what ``save_pretrained`` writes to
+    ``generation_config.json``: instruct models end a turn with a token that ``config.json``
+    may not name (Qwen2.5-Instruct stops at ``<|im_end|>`` and ``<|endoftext|>``).
+    """
+    ids = {*config.eos_token_ids, *config.generation_eos_token_ids}
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
 
 
 class CheckpointFiles(contextlib.ExitStack):
@@ -267,8 +303,14 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
 
 def write_checkpoint(out_dir: str | os.PathLike, config: ModelConfig,
                      tensors: Iterable[tuple[str, np.ndarray]], *, dtype_name: str,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
-    """Write ``config.json`` and the HF-named ``tensors`` as safetensors; returns the files.
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                     eos_ids: Sequence[int] | None = None) -> list[Path]:
+    """Write ``config.json``, ``generation_config.json`` and the HF-named ``tensors`` as
+    safetensors; returns the files.
+
+    ``generation_config.json`` holds the BOS id and ``eos_ids`` (default
+    ``stop_token_ids(config)``), the ids generation stops at, as transformers'
+    ``GenerationConfig`` reads them (other generation defaults of a source model are not kept).
 
     Tensors are consumed one at a time and flushed to a shard file whenever the next one
     would take the shard past ``max_shard_bytes``; with several shards the files are
@@ -314,8 +356,13 @@ def write_checkpoint(out_dir: str | os.PathLike, config: ModelConfig,
         written.append(out_dir / INDEX_FILE)
     # `dtype` is the transformers 5.x key, `torch_dtype` the 4.x one.
     hf_config = {**config.to_hf(), "dtype": dtype_name, "torch_dtype": dtype_name}
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    written.append(out_dir / "config.json")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    written.append(out_dir / CONFIG_FILE)
+    eos_ids = stop_token_ids(config) if eos_ids is None else eos_ids
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": [int(i) for i in eos_ids]}
+    generation = {key: value for key, value in generation.items() if value not in (None, [])}
+    (out_dir / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+    written.append(out_dir / GENERATION_CONFIG_FILE)
     return written
 
 
@@ -335,15 +382,18 @@ def save_pretrained(model: Decoder, out_dir: str | os.PathLike, *, dtype=None, t
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
     """Write ``model`` as a Hugging Face checkpoint directory; returns the files written.
 
-    ``config.json`` plus ``model.safetensors`` (HF names and layouts), split into shards with
-    an index above ``max_shard_bytes``. ``dtype`` casts the weights (default: as stored).
-    ``tokenizer`` (a transformers tokenizer) is saved alongside when given, so the directory
-    is complete for ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer``.
+    ``config.json``, ``generation_config.json`` (the ids generation stops at:
+    ``stop_token_ids(model.config, tokenizer)``) and ``model.safetensors`` (HF names and
+    layouts), split into shards with an index above ``max_shard_bytes``. ``dtype`` casts the
+    weights (default: as stored). ``tokenizer`` (a transformers tokenizer) is saved alongside
+    when given, so the directory is complete for ``transformers.AutoModelForCausalLM`` /
+    ``AutoTokenizer``.
     """
     if dtype is None:
         dtype = model.embed.get_value().dtype
     written = write_checkpoint(out_dir, model.config, hf_tensors(model, dtype),
-                               dtype_name=np.dtype(dtype).name, max_shard_bytes=max_shard_bytes)
+                               dtype_name=np.dtype(dtype).name, max_shard_bytes=max_shard_bytes,
+                               eos_ids=stop_token_ids(model.config, tokenizer))
     if tokenizer is not None:
         written += [Path(f) for f in tokenizer.save_pretrained(out_dir)]
     return written

@@ -2,9 +2,10 @@
 
 Byte-level BPE vocabularies (GPT-2's scheme, used by SmolLM2, Llama 3, Qwen2) spell every
 token with a 256-character alphabet, one character per byte, so each token id maps to a fixed
-byte string. Added tokens marked special (EOS, ``<|im_end|>``, padding) stand for no text;
-added tokens not marked special stand for their UTF-8 content. Ids outside the table (e.g. the
-rows by which a model pads its embedding) stand for no text.
+byte string. Added tokens, special (``<|endoftext|>``, ``<|im_end|>``) or not, stand for their
+UTF-8 content, as ``tokenizer.decode`` spells them by default (``skip_special_tokens=False``,
+which the authors' reward decode uses: a special token inside a response is part of its text).
+Ids outside the table (e.g. the rows by which a model pads its embedding) stand for no text.
 
 The decoding convention shared by the host and device rewards: the response text is the
 concatenation of its tokens' bytes, decoded as UTF-8 with ``errors="replace"``.
@@ -68,10 +69,8 @@ class TokenBytes:
         if "ByteLevel" not in decoder_types:
             raise _not_byte_level(tokenizer, f"decoder {sorted(map(str, decoder_types))}")
         byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()}
-        added = {
-            token_id: b"" if token.special else token.content.encode("utf-8")
-            for token_id, token in tokenizer.added_tokens_decoder.items()
-        }
+        added = {token_id: token.content.encode("utf-8")
+                 for token_id, token in tokenizer.added_tokens_decoder.items()}
         vocab = backend.get_vocab(with_added_tokens=False)
         table: list[bytes] = [b""] * (max([*vocab.values(), *added, -1]) + 1)
         for spelling, token_id in vocab.items():

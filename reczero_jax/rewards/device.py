@@ -2,10 +2,11 @@
 
 Pipeline for a batch ``ids [N, R]`` (vectorised over the batch, no host round trip):
 
-1. Byte stream ``[N, L]``: the tokens' bytes packed one after another (special tokens, ids
-   outside the table and positions ``>= response_length`` add nothing; zeros after the
-   text). Position ``p`` belongs to token ``r = #{tokens ending at or before p}``, a running
-   sum over a histogram of the tokens' end positions.
+1. Byte stream ``[N, L]``: the tokens' bytes packed one after another (special tokens add
+   their text; ids outside the table, positions ``>= response_length`` and a terminating EOS
+   add nothing; zeros after the text). Position ``p`` belongs to token
+   ``r = #{tokens ending at or before p}``, a running sum over a histogram of the tokens'
+   end positions.
 2. Tag matching: bytes packed four to a ``uint32`` word, so every tag (at most 16 bytes) is
    four masked word comparisons per position. Tag counts and first positions follow.
 3. The answer section is the last non-overlapping lazy match of ``open(.*?)close``: with
@@ -15,15 +16,17 @@ Pipeline for a batch ``ids [N, R]`` (vectorised over the batch, no host round tr
 4. The number grammar runs as a DFA over the answer section's bytes (``lax.while_loop``,
    one byte of every row per step, until every row has finished or been rejected), keeping
    the first 9 significant digits ``m`` (an int32, trailing zeros dropped) and the decimal
-   exponent ``q``; the rating is ``m * 10**q`` in float32.
+   exponent ``q``; the rating is ``m * 10**q`` in float32. ``exact`` hits when the section
+   is an in-range number with one non-zero digit (so its value is that digit) equal to ``y``.
 
 The variant (tags, order rule, answer score) enters as data, so one compiled kernel serves
 every variant of a tokenizer and batch shape.
 
 Exactness (checked by tests/test_rewards.py):
 
-* format_ok, the range test ``1 <= value <= 5`` and the rounding of ``exact`` are decided on
-  the decimal digits, so they equal the host's exact-decimal rules for every input.
+* format_ok, the range test ``1 <= value <= 5`` and the hit of ``exact`` are decided on the
+  decimal digits, so they equal the host's exact-decimal rules for every input (``exact``:
+  for the integer ground truths of the rating scale; a non-integer ``y`` never hits here).
 * rating is correctly rounded to float32 when ``s`` has at most 7 significant digits and
   ``|q| <= 10`` (``m`` and ``10**|q|`` are then float32 numbers and one IEEE multiply or
   divide rounds once), and so equals ``np.float32(float(s))`` bit for bit when moreover
@@ -44,6 +47,7 @@ no more memory than the fast stream. Exact either way; under ``vmap`` both branc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -227,8 +231,9 @@ def _parse_number(stream_bytes: jax.Array, start: jax.Array, end: jax.Array):
     Runs the grammar's DFA over the section, one byte of every row per step, until every row
     has finished or been rejected. Mantissa digits are counted from 0; ``z`` is the index of
     the first non-zero one, so the value is ``0.d_z d_(z+1)... * 10**(int_digits - z + exp)``.
-    Returns ``(valid [N] bool, value [N] f32, in_range [N] bool, rounded [N] int32)``;
-    ``rounded`` (half to even) is meaningful where ``in_range``.
+    Returns ``(valid [N] bool, value [N] f32, in_range [N] bool, leading [N] int32,
+    single_digit [N] bool)``: where ``in_range``, the value is exactly ``leading`` iff
+    ``single_digit`` (no other non-zero digit).
     """
     rows = stream_bytes.shape[0]
     zeros = jnp.zeros((rows,), jnp.int32)
@@ -243,7 +248,6 @@ def _parse_number(stream_bytes: jax.Array, start: jax.Array, end: jax.Array):
         "z": zeros - 1,
         "last_nonzero": zeros - 1,
         "leading": zeros,
-        "next_digit": zeros,
         "significand": zeros,  # digits from z on, at most _SIGNIFICANT_DIGITS of them
         "significand_digits": zeros,
         "exp_value": zeros,  # saturates at 10**_EXPONENT_DIGITS
@@ -275,7 +279,6 @@ def _parse_number(stream_bytes: jax.Array, start: jax.Array, end: jax.Array):
         c["int_digits"] += mantissa_digit & (state == _INT)
         c["last_nonzero"] = jnp.where(mantissa_digit & (digit != 0), c["digits"], c["last_nonzero"])
         c["leading"] = jnp.where(first_nonzero, digit, c["leading"])
-        c["next_digit"] = jnp.where(significant & (c["digits"] == z + 1), digit, c["next_digit"])
         c["significand"] = jnp.where(keep, c["significand"] * 10 + digit, c["significand"])
         c["significand_digits"] += keep
         c["digits"] += mantissa_digit
@@ -301,17 +304,15 @@ def _parse_number(stream_bytes: jax.Array, start: jax.Array, end: jax.Array):
     value = _scale(significand.astype(jnp.float32), magnitude_exp - kept)
     value = jnp.where(is_zero, 0.0, value)
     value = jnp.where(c["negative"], -value, value)
-    leading, next_digit, last_nonzero = c["leading"], c["next_digit"], c["last_nonzero"]
+    leading = c["leading"]
+    single_digit = c["last_nonzero"] == z
     in_range = (
         ~is_zero
         & ~c["negative"]
         & (magnitude_exp == 1)
-        & ((leading <= 4) | ((leading == 5) & (last_nonzero == z)))
+        & ((leading <= 4) | ((leading == 5) & single_digit))
     )
-    round_up = (next_digit > 5) | (
-        (next_digit == 5) & ((last_nonzero > z + 1) | (leading % 2 == 1))
-    )
-    return valid, value, in_range, leading + round_up.astype(jnp.int32)
+    return valid, value, in_range, leading, single_digit
 
 
 def _scale(significand: jax.Array, scale_exp: jax.Array) -> jax.Array:
@@ -333,22 +334,32 @@ def _score(stream, total, ground_truths, variant: _VariantData):
     tagged = tagged | whole_text
     start = jnp.where(whole_text, 0, start)
     end = jnp.where(whole_text, total, end)
-    valid, value, in_range, rounded = _parse_number(stream, start, end)
+    valid, value, in_range, leading, single_digit = _parse_number(stream, start, end)
     valid &= tagged
     format_ok = structure & valid & in_range
-    exact_score = jnp.where(rounded.astype(jnp.float32) == ground_truths, EXACT_HIT, EXACT_MISS)
+    hit = single_digit & (leading.astype(jnp.float32) == ground_truths)
+    exact_score = jnp.where(hit, EXACT_HIT, EXACT_MISS)
     graded_score = 1.0 - jnp.abs(value - ground_truths) / 2.0
     answer_score = jnp.where(variant.exact_match, exact_score, graded_score)
     reward = jnp.where(format_ok, FORMAT_BONUS + answer_score, FORMAT_PENALTY)
     return reward.astype(jnp.float32), format_ok, jnp.where(valid, value, jnp.nan)
 
 
+def _without_terminating_eos(ids, lengths, eos_ids):
+    """``lengths`` less one where a response's last token (``ids[length - 1]``) is an EOS."""
+    last = jnp.take_along_axis(ids, jnp.clip(lengths - 1, 0, ids.shape[1] - 1)[:, None], axis=1)
+    ends_with_eos = (lengths > 0) & jnp.any(last == eos_ids[None, :], axis=1)
+    return lengths - ends_with_eos.astype(lengths.dtype)
+
+
 @partial(jax.jit, static_argnames=("fast_length", "full_length"))
-def _token_reward(table, variant, ids, lengths, ground_truths, fast_length, full_length):
-    """The kernel behind ``TokenRewardFn``: the token table and the variant are inputs, so it
-    is compiled once per tokenizer, batch shape and pair of stream lengths."""
+def _token_reward(table, variant, eos_ids, ids, lengths, ground_truths, fast_length,
+                  full_length):
+    """The kernel behind ``TokenRewardFn``: the token table, the variant and the EOS ids are
+    inputs, so it is compiled once per tokenizer, batch shape and pair of stream lengths."""
     flat, offsets, token_byte_counts = table
     vocab_size = token_byte_counts.shape[0]
+    lengths = _without_terminating_eos(ids, lengths, eos_ids)
     in_table = (ids >= 0) & (ids < vocab_size)
     in_response = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
     token_lengths = jnp.where(
@@ -388,22 +399,36 @@ class TokenRewardFn:
     axis. Built once per tokenizer and variant; ValueError for a tokenizer that is not
     byte-level BPE or an unknown ``kind``.
 
+    ``eos_ids``: the ids that end a response (the sampler's, ``models.stop_token_ids``);
+    default the tokenizer's EOS. The sampler's lengths count the EOS that ended a response,
+    so a response whose last token (``ids[length - 1]``) is one of them is scored without it;
+    any other special token is part of the text (``byte_table``).
+
     ``fast_bytes_per_token``: stream positions per token on the fast path (module docstring);
     a batch whose text needs more takes the exact full-length path.
     """
 
-    def __init__(self, tokenizer, kind: str = "rating", fast_bytes_per_token: int = 8):
+    def __init__(self, tokenizer, kind: str = "rating", fast_bytes_per_token: int = 8, *,
+                 eos_ids: Sequence[int] | None = None):
         if fast_bytes_per_token < 1:
             raise ValueError(f"fast_bytes_per_token must be >= 1, got {fast_bytes_per_token}")
         self.variant = get_variant(kind)
         self.token_bytes = TokenBytes.from_tokenizer(tokenizer)
+        if eos_ids is None:
+            eos_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+        self.eos_ids = tuple(int(i) for i in eos_ids)
         self.fast_bytes_per_token = min(fast_bytes_per_token, self.token_bytes.max_token_bytes)
         table = self.token_bytes
         self._table = tuple(jnp.asarray(a) for a in (table.flat, table.offsets, table.lengths))
         self._variant_data = jax.tree.map(jnp.asarray, _VariantData.of(self.variant))
+        self._eos_ids = jnp.asarray(self.eos_ids, dtype=jnp.int32).reshape(-1)
 
     def decode(self, token_ids) -> str:
-        """The text the reward scores: token bytes joined, UTF-8 decoded with replacement."""
+        """The text the reward scores of the response ``token_ids`` (``ids[:length]``): token
+        bytes joined, UTF-8 decoded with replacement, a terminating EOS left out."""
+        token_ids = [int(i) for i in token_ids]
+        if token_ids and token_ids[-1] in self.eos_ids:
+            token_ids = token_ids[:-1]
         return self.token_bytes.decode(token_ids)
 
     def __call__(self, response_ids, response_lengths, ground_truths):
@@ -413,6 +438,7 @@ class TokenRewardFn:
         return _token_reward(
             self._table,
             self._variant_data,
+            self._eos_ids,
             ids,
             jnp.asarray(response_lengths, dtype=jnp.int32),
             jnp.asarray(ground_truths, dtype=jnp.float32),

@@ -13,8 +13,13 @@ Rules of the default ``rating`` variant (the authors' code; PAPER.md, "Reward"):
 
 ``reward = (+1 if format_ok else -1) + (answer score if format_ok else 0)``, where the answer
 score is ``1 - |rating - y| / 2`` (graded, so a valid answer earns ``2 - |rating - y| / 2`` in
-[0, 2]) or, for ``exact``, ``+2`` if ``round(rating) == y`` else ``-1.5`` (``round`` is
-Python's, half to even, taken on the exact decimal value).
+[0, 2]) or, for ``exact``, ``+2`` if the rating equals ``y`` else ``-1.5``: the authors'
+``float(pred) == float(gt)`` (their rounding is commented out), so ``"4.0"`` hits 4 and ``"3.6"``
+misses it, taken on the exact decimal value like the range test.
+
+The text is the response as the authors decode it: a special token inside it (say
+``<|endoftext|>`` in ``<rate>4<|endoftext|></rate>``) is its own text, so that ``<rate>``
+section is no number (``reczero_jax.rewards.byte_table``).
 
 ``rating`` is the number in the answer section whether or not the format holds (None when the
 section is missing or holds no number). Like the authors' logging it is read from the LAST
@@ -24,10 +29,11 @@ Number grammar, a deliberate tightening of Python's ``float()``: after stripping
 whitespace (`` \\t\\n\\r\\x0b\\x0c``, what ``bytes.strip`` removes), the whole section must be
 ``[+-]?(digits[.digits?] | .digits)([eE][+-]?digits)?`` with ASCII digits. ``float()`` would
 also take surrounding Unicode whitespace, ``_`` separators, ``inf``/``nan`` and non-ASCII
-digits; all of those are format failures here. The range test and the rounding of ``exact``
+digits; all of those are format failures here. The range test and the match of ``exact``
 use the exact decimal value (``decimal.Decimal``), not its binary64 rounding, so a string such
-as ``"5.0000000000000000001"`` (which ``float()`` rounds to 5.0) is out of range; the two
-differ only for 16+ significant digits within 1e-15 of the scale's ends. "Non-empty" likewise
+as ``"5.0000000000000000001"`` (which ``float()`` rounds to 5.0) is out of range and
+``"4.0000000000000000001"`` misses 4; the two differ only for 16+ significant digits within
+1e-15 of the scale's ends or of the integer ``y``. "Non-empty" likewise
 means "holds a byte other than ASCII whitespace": a section of only ``\\u00a0`` or ``\\u3000``
 counts as non-empty (``str.strip`` would empty it). Both choices make the rules a function of
 the response's bytes, which the jitted token reward (``reczero_jax.rewards.device``) needs.
@@ -76,7 +82,7 @@ class RewardVariant:
     answer and the others must be non-empty. Empty: the whole response is the answer.
     ``sequential``: every tag in order (each section closed before the next opens); otherwise
     only the opening tags are ordered and each section closes after it opens (the authors').
-    ``exact_match``: answer score +2 / -1.5 on ``round(rating) == y``; otherwise graded.
+    ``exact_match``: answer score +2 / -1.5 on ``rating == y``; otherwise graded.
     """
 
     name: str
@@ -172,7 +178,7 @@ def score_text(text: str, ground_truth: float, variant: RewardVariant) -> Reward
     if not format_ok:
         return RewardResult(FORMAT_PENALTY, False, rating)
     if variant.exact_match:
-        answer_score = EXACT_HIT if round(value) == ground_truth else EXACT_MISS
+        answer_score = EXACT_HIT if value == Decimal(float(ground_truth)) else EXACT_MISS
     else:
         answer_score = 1.0 - abs(rating - ground_truth) / 2
     return RewardResult(FORMAT_BONUS + answer_score, True, rating)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from reczero_jax import prompts
 from reczero_jax.data.padding import default_pad_id, left_pad
 from reczero_jax.models.decoder import Decoder
+from reczero_jax.models.hf import stop_token_ids
 from reczero_jax.sampling import generate
 from reczero_jax.traces.rules import (
     KEPT,
@@ -106,7 +107,7 @@ def generate_traces(model: Decoder, tokenizer, samples: Sequence[dict[str, Any]]
                          f"next to the {reserve}-token rating hint: raise it")
     encoded = [prompts.encode_prompt(s, tokenizer, max_prompt_tokens=max_prompt_tokens - reserve,
                                      layout=layout) for s in samples]
-    eos_ids = tuple(sorted(set(model.config.eos_token_ids) | {tokenizer.eos_token_id} - {None}))
+    eos_ids = stop_token_ids(model.config, tokenizer)
     rng = jax.random.key(seed)
     options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
                    eos_ids=eos_ids)

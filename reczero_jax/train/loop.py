@@ -61,7 +61,7 @@ from reczero_jax.data.sft import sft_batch, sft_examples
 from reczero_jax.data.subset import take_subset
 from reczero_jax.evaluate import REPORT_COLUMNS, EvalSettings
 from reczero_jax.mesh import make_mesh, param_shardings
-from reczero_jax.models import from_pretrained
+from reczero_jax.models import from_pretrained, stop_token_ids
 from reczero_jax.models.dtypes import jax_dtype
 from reczero_jax.observe import (
     METRICS_FILE,
@@ -245,12 +245,11 @@ class Session:
                                          config.seed)
         self.eval_records = take_subset(load_split(config.data.dir, config.data.eval_split),
                                         config.data.eval_samples)
+        self.eos_ids = stop_token_ids(self.base_model.config, self.tokenizer)
         # One setup for every evaluation of the run, and for `reczero eval --run` after it.
         self.eval_settings = EvalSettings.of_run(config)
         # train.reward: GRPO's reward and the evaluations' scoring rule, built once.
-        self.reward_fn = self.eval_settings.reward_fn(self.tokenizer)
-        self.eos_ids = tuple(sorted(set(self.base_model.config.eos_token_ids)
-                                    | {self.tokenizer.eos_token_id}))
+        self.reward_fn = self.eval_settings.reward_fn(self.tokenizer, self.eos_ids)
         self._val_records = None
         # Every validation's MAE by global step (kept in the checkpoints' progress).
         self.validations: dict[int, float] = {}
