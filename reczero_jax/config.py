@@ -17,9 +17,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from reczero_jax.models import attention
 from reczero_jax.train.step import GRPOConfig, OptimConfig
 
 ALGORITHMS = ("reczero", "recone", "sft")
+ATTENTIONS = attention.IMPLEMENTATIONS  # model.attention's choices
 
 
 @dataclasses.dataclass
@@ -28,6 +30,7 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype: float32 or bfloat16
     param_dtype: str = "float32"  # master weights
     remat: bool = False
+    attention: str = "auto"  # one of ATTENTIONS (models.attention: which and why)
 
 
 @dataclasses.dataclass
