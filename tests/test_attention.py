@@ -122,8 +122,8 @@ def test_splash_under_shard_map_on_the_mesh():
     assert_matches_reference(splash, True, rows=jnp.asarray(valid), place=on_mesh)
 
 
-def test_choice_by_name_and_backend():
-    assert attention.resolve("auto") == attention._CPU_CHOICE != "splash"  # on CPU
+def test_choice_by_name_and_backend(monkeypatch):
+    assert attention.resolve("auto") == "auto"  # on CPU: by length, never splash
     assert attention.implementation("materialized") is attention.materialized
     assert attention.implementation("blockwise") is attention.blockwise
     with pytest.raises(ValueError, match="model.attention must be one of"):
@@ -131,6 +131,15 @@ def test_choice_by_name_and_backend():
     with pytest.raises(ValueError, match="model.attention must be one of"):
         Decoder(TINY, rngs=nnx.Rngs(0), attention="flash")
     arrays, self_mask, _, _ = case(False)
+    chosen = []
+    for name in ("materialized", "blockwise"):  # record which one CPU's auto calls
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, name=name, real=real: (
+            chosen.append(name), real(*a))[1])
+    for block_k, expected in ((T, "materialized"), (T - 1, "blockwise")):
+        monkeypatch.setattr(attention, "BLOCK_K", block_k)
+        attention.implementation("auto")(*arrays[:3], self_mask, None)
+        assert chosen.pop() == expected
     with pytest.raises(ValueError, match="needs a GPU"):
         attention.cudnn(*arrays[:3], self_mask, None)
 
