@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from reczero_jax import mesh as meshlib
-from reczero_jax.models import Decoder, attention
+from reczero_jax.models import Decoder, attention, from_pretrained, save_pretrained
 from reczero_jax.models.decoder import causal_mask
 from reczero_jax.train.step import OptimConfig, Trainer
 from tests.test_sampling import TINY, left_padded_prompts, tiny_model
@@ -142,6 +142,12 @@ def test_choice_by_name_and_backend(monkeypatch):
         assert chosen.pop() == expected
     with pytest.raises(ValueError, match="needs a GPU"):
         attention.cudnn(*arrays[:3], self_mask, None)
+
+
+def test_from_pretrained_passes_the_choice_to_the_decoder(tmp_path):
+    save_pretrained(tiny_model(), tmp_path)
+    assert from_pretrained(tmp_path, attention="blockwise").attention == "blockwise"
+    assert from_pretrained(tmp_path).attention == "auto"
 
 
 def with_attention(model: Decoder, name: str) -> Decoder:

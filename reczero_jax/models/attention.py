@@ -49,7 +49,8 @@ decoder; times from a 2-core machine shared with other jobs, so only roughly):
     (P, R, G)        peak GiB/device            warm s/step
                      materialized  blockwise    materialized  blockwise
     (256, 64, 8)     0.250         0.222        8.69          9.12  (1.05x)
-    (1024, 128, 8)   0.692         0.417        16.38         16.25 (0.99x)
+    (1024, 128, 8)   0.692         0.417        16.38, 37.05  16.25, 22.48 (0.99x, 0.61x;
+                                                                          two runs)
     (4096, 1024, 8)  10.564        2.254        not timed
 
 Blockwise costs no time at these lengths and saves memory from ~1k keys on; within one key
