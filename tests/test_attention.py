@@ -83,9 +83,10 @@ def test_blockwise_equals_materialized_on_every_row(with_prefix):
     assert_matches_reference(blockwise, with_prefix)
 
 
-def test_blockwise_equals_materialized_on_the_mesh():
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_blockwise_equals_materialized_on_the_mesh(with_prefix):
     blockwise = lambda *args: attention.blockwise(*args, **SMALL_BLOCKS)
-    assert_matches_reference(blockwise, True, place=on_mesh)
+    assert_matches_reference(blockwise, with_prefix, place=on_mesh)
 
 
 def test_blockwise_never_materialises_all_scores():

@@ -16,13 +16,14 @@ Implementations and what each keeps for the backward pass (per layer, beyond q, 
 numbers ``reczero plan`` needs; N = B G T H query rows):
 
 * ``materialized`` (the reference): scores and weights for all keys at once,
-  [B, G, T, H, P + S] float32; autodiff keeps the weights: 4 N (P + S) bytes.
+  [B, G, T, H, P + S] float32; autodiff keeps at least the weights: 4 N (P + S) bytes.
 * ``blockwise``: flash-style online softmax in plain JAX. Queries in chunks of ``block_q``,
   keys in blocks of ``block_k`` (``lax.scan``; odd lengths padded with keys that never
   count), a running max m and denominator per query. A ``custom_vjp`` keeps only the
   output, m and the denominator: 4 N (D + 2) bytes; its backward recomputes each
-  [block_q, block_k] tile (dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ = dS K, dK = dS^T Q). Peak
-  temporaries: a few tiles, 4 B G block_q H block_k bytes each.
+  [block_q, block_k] tile (dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)),
+  dQ = dS K, dK = dS^T Q). Peak temporaries: a few tiles, 4 B G block_q H block_k bytes
+  each, plus the boolean masks re-laid out in blocks (1 byte per (query, key) pair).
 * ``splash`` (TPU): the Pallas splash-attention kernel, under ``shard_map`` over the mesh's
   batch and head axes, per sequence over [prefix; self] keys (the prefix broadcast over G:
   the kernel cannot differentiate through its log-sum-exp in this JAX, so a log-sum-exp merge
@@ -271,14 +272,14 @@ def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array,
 
 def _joined_keys(k, v, prefix):
     """Each sequence's [prefix; self] keys and values [B, G, P + S, K, D] (the prefix
-    broadcast over G), and the prefix's length (0 without one)."""
+    broadcast over G)."""
     if prefix is None:
-        return k, v, 0
+        return k, v
     prefix_k, prefix_v, _ = prefix
     shape = (k.shape[0], k.shape[1], *prefix_k.shape[1:])
     join = lambda own, shared: jnp.concatenate(
         [jnp.broadcast_to(shared[:, None], shape).astype(own.dtype), own], axis=2)
-    return join(k, prefix_k), join(v, prefix_v), prefix_k.shape[1]
+    return join(k, prefix_k), join(v, prefix_v)
 
 
 def _splash_local(q, k, v, self_mask, prefix_mask=None, *, block: int, interpret: bool):
@@ -336,8 +337,11 @@ def splash(q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array,
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     b, g, t, h, d = q.shape
+    if k.shape[2] != t:
+        raise ValueError(f"splash attends each query to its own causal keys: it needs as many "
+                         f"self keys as queries, got {k.shape[2]} keys for {t} queries")
     queries = _grouped_queries(q, k.shape[-2]).astype(q.dtype)
-    keys, values, _ = _joined_keys(k, v, prefix)
+    keys, values = _joined_keys(k, v, prefix)
     prefix_mask = None if prefix is None else prefix[2].astype(bool)
     local = functools.partial(_splash_local, block=block, interpret=interpret)
     if mesh is None:
@@ -365,7 +369,7 @@ def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array,
         raise ValueError(f"model.attention=cudnn needs bf16/fp16 compute (model.dtype), got "
                          f"{q.dtype}; use blockwise for float32")
     b, g, t, h, d = q.shape
-    keys, values, _ = _joined_keys(k, v, prefix)
+    keys, values = _joined_keys(k, v, prefix)
     mask = self_mask.astype(bool)
     if prefix is not None:
         shared = jnp.broadcast_to(prefix[2].astype(bool)[:, None, None], (b, g, t, prefix[2].shape[1]))
