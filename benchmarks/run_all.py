@@ -17,6 +17,7 @@ from benchmarks.common import describe_machine
 BENCHMARKS = (
     ("Sampling: shared-prompt sampler vs naive vs transformers generate", "benchmarks.sampling"),
     ("GRPO train step: shared-prompt vs naive vs PyTorch", "benchmarks.train_step"),
+    ("Attention implementations in the GRPO update: memory and time", "benchmarks.attention"),
     ("Token reward vs host reward", "benchmarks.reward"),
     ("Data pipeline", "benchmarks.data_pipeline"),
 )

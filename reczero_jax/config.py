@@ -33,6 +33,7 @@ LAYOUTS = ("chat", "user", "raw")  # prompts.encode_prompt
 REWARDS = ("rating", "exact", "think_answer", "answer_only")  # rewards.host.VARIANTS
 DATA_SUBSETS = ("random", "first")  # data.subset: how data.train_samples are chosen
 FINAL_POLICIES = ("last", "best_val")  # train.final_policy
+ATTENTIONS = ("auto", "materialized", "blockwise", "splash", "cudnn")  # models.attention
 # Dtype names of model.dtype / model.param_dtype (and --dtype flags) and their bytes per
 # element; ``models.dtypes.JAX_DTYPES`` maps the same names to jax dtypes.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -85,6 +86,7 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype: DTYPES
     param_dtype: str = "float32"  # master weights: DTYPES
     remat: bool = False
+    attention: str = "auto"  # one of ATTENTIONS (models.attention: which and why)
 
 
 
@@ -153,6 +155,7 @@ CHOICES = {
     "algorithm": ALGORITHMS,
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
+    "model.attention": ATTENTIONS,
     "data.layout": LAYOUTS,
     "data.subset": DATA_SUBSETS,
     "grpo.estimator": ESTIMATORS,

@@ -11,7 +11,7 @@ V vocab, L layers, K kv heads, D head dim.
   decoder on them. The response cache is created inside the jitted decode and lives only in
   the loop carry, which XLA updates in place (no buffer crosses the jit boundary to donate).
   Attention joins the shared prompt cache and the sample's own response cache in one softmax
-  (see ``models.decoder.grouped_attention``).
+  (see ``models.attention``).
   The loop ends when every sample has emitted an EOS id or R tokens.
 
 ``shared_prompt=False`` is the reference path most samplers use: the prompt repeated G times,

@@ -29,9 +29,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from reczero_jax.mesh import constrain
+from reczero_jax.models import attention as attention_lib
 from reczero_jax.models.config import ModelConfig
-
-_MASKED = float(jnp.finfo(jnp.float32).min)
 
 
 class KVCache(NamedTuple):
@@ -98,39 +97,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array,
-                      prefix: tuple[jax.Array, jax.Array, jax.Array] | None) -> jax.Array:
-    """Softmax attention of each sequence over a shared prefix and its own keys, jointly.
-
-    q: [B, G, T, H, D]; k, v: [B, G, S, K, D]; self_mask: [B, G, T, S] bool;
-    prefix: (k [B, P, K, D], v [B, P, K, D], mask [B, P]) or None. Returns [B, G, T, H, D].
-
-    With s1 = q.k_prefix / sqrt(D), s2 = q.k_self / sqrt(D), m = max(s1, s2):
-    out = (exp(s1 - m) v_prefix + exp(s2 - m) v_self) / (sum exp(s1 - m) + sum exp(s2 - m)),
-    which is softmax attention over the concatenated keys, without copying the prefix G times.
-    """
-    b, g, t, h, d = q.shape
-    kv_heads = k.shape[-2]
-    q = q.reshape(b, g, t, kv_heads, h // kv_heads, d).astype(jnp.float32) / math.sqrt(d)
-    scores = jnp.einsum("bgtkhd,bgskd->bgtkhs", q, k.astype(jnp.float32))
-    scores = jnp.where(self_mask[:, :, :, None, None, :], scores, _MASKED)
-    peak = scores.max(axis=-1, keepdims=True)
-    if prefix is not None:
-        prefix_k, prefix_v, prefix_mask = prefix
-        prefix_scores = jnp.einsum("bgtkhd,bpkd->bgtkhp", q, prefix_k.astype(jnp.float32))
-        prefix_scores = jnp.where(prefix_mask[:, None, None, None, None, :], prefix_scores, _MASKED)
-        peak = jnp.maximum(peak, prefix_scores.max(axis=-1, keepdims=True))
-    weights = jnp.exp(scores - peak)
-    denominator = weights.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("bgtkhs,bgskd->bgtkhd", weights, v.astype(jnp.float32))
-    if prefix is not None:
-        prefix_weights = jnp.exp(prefix_scores - peak)
-        denominator = denominator + prefix_weights.sum(axis=-1, keepdims=True)
-        out = out + jnp.einsum("bgtkhp,bpkd->bgtkhd", prefix_weights, prefix_v.astype(jnp.float32))
-    out = out / denominator[..., 0][..., None]
-    return out.reshape(b, g, t, h, d).astype(v.dtype)
-
-
 def causal_mask(mask: jax.Array) -> jax.Array:
     """[..., T] validity -> [..., T, T] mask: query i sees valid keys j <= i."""
     t = mask.shape[-1]
@@ -182,14 +148,20 @@ class Decoder(nnx.Module):
 
     ``mesh`` (optional, static) turns on activation sharding constraints: the batch over
     ``("data", "fsdp")``. ``remat`` recomputes each block in the backward pass.
+    ``attention`` names the implementation of the training forward and the prefill (one of
+    ``models.attention.IMPLEMENTATIONS``; ``auto``: the best for the backend); decoding
+    steps (one query against the cache) always use ``materialized``.
     """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs, mesh: Mesh | None = None, remat: bool = False):
+                 rngs: nnx.Rngs, mesh: Mesh | None = None, remat: bool = False,
+                 attention: str = "auto"):
+        attention_lib.resolve(attention)  # a readable error for an unknown name, now
         self.config = config
         self.dtype = dtype
         self.mesh = mesh
         self.remat = remat
+        self.attention = attention
         self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
                             param_dtype)
         self.layers = DecoderLayers(config, param_dtype=param_dtype, rngs=rngs)
@@ -293,7 +265,11 @@ class Decoder(nnx.Module):
             cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
             cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
             keys, values, new_kv = cache_k[layer], cache_v[layer], (cache_k, cache_v)
-        attended = grouped_attention(q, keys, values, self_mask, prefix)
+        if cache is None:
+            attend = attention_lib.implementation(self.attention, self.mesh, dtype)
+        else:  # one query: its [1, P + S] scores are small
+            attend = attention_lib.materialized
+        attended = attend(q, keys, values, self_mask, prefix)
         x = x + jnp.einsum("bgthk,hkd->bgtd", attended, w["wo"].astype(dtype))
         h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
         gate = jnp.einsum("bgtd,di->bgti", h, w["w_gate"].astype(dtype))

@@ -271,7 +271,7 @@ def _read_param(files: CheckpointFiles, entry: HFTensor, shape: tuple[int, ...],
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    mesh: jax.sharding.Mesh | None = None) -> Decoder:
+                    mesh: jax.sharding.Mesh | None = None, attention: str = "auto") -> Decoder:
     """Load a Llama / Qwen2 Hugging Face checkpoint directory into a :class:`Decoder`.
 
     Reads ``config.json`` and ``model.safetensors`` (or the shards named by
@@ -279,12 +279,14 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
     parameters are stored as ``param_dtype`` (float32 unless given, whatever the file holds).
     Each parameter is placed in its sharding on ``mesh`` (logical axes through
     ``reczero_jax.mesh``; one device when ``mesh`` is None), and the mesh is passed to the
-    decoder for its activation sharding constraints.
+    decoder for its activation sharding constraints. ``attention`` picks the decoder's
+    attention implementation (``models.attention.IMPLEMENTATIONS``).
     Raises ValueError naming any missing, unexpected or mis-shaped tensor.
     """
     config = read_config(path)
     abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, param_dtype=param_dtype,
-                                              rngs=nnx.Rngs(0), mesh=mesh))
+                                              rngs=nnx.Rngs(0), mesh=mesh,
+                                              attention=attention))
     graphdef, state = nnx.split(abstract)
     shardings = {param_path: sharding.get_value() for param_path, sharding in nnx.to_flat_state(
         meshlib.param_shardings(state, mesh or meshlib.single_device_mesh()))}
