@@ -31,11 +31,17 @@ Update phase (``Trainer.grpo_update``: forward, backward, AdamW)
     logits      = 3 x b G R (V/t) x 4 bytes: float32 logits, their softmax (log-prob and
                   entropy) and its cotangent. With V = 152,064 this is often the largest term.
 
-Rollout phase (``sampling.generate``; no micro-batches: b_r = B / n prompts per chip, the
-prompt padded to the sampler's bucket P_s)
-    prefill     = prompt cache + one layer's scores and softmax: 8 b_r (H/t) P_s^2
-    decode      = prompt cache 2 L b_r P_s (K/t) D c + response caches 2 L b_r G R (K/t) D c
-                  + the step's float32 logits 3 b_r G (V/t) 4
+Rollout phase (``sampling.generate``; no micro-batches; the prompt padded to the sampler's
+bucket P_s). With fsdp > 1 the sampler works in the rollout layout (``mesh.rollout_rules``):
+b_r = B / data prompts per chip, heads and kv heads split a ways and the vocabulary v ways over
+fsdp x tensor (the rules' fallbacks included); with fsdp = 1, b_r = B / n and a = v = t.
+    reshard     = rollout weights W_r + the transient of the transfer, W_r again (XLA moves
+                  each weight's shards between the layouts; at most one copy is in flight)
+    W_r         = sum over weights of (its rollout shard's elements) x c, in every rollout
+                  phase (norm scales, a few kB, counted at c too)
+    prefill     = prompt cache + one layer's scores and softmax: 8 b_r (H/a) P_s^2
+    decode      = prompt cache 2 L b_r P_s (K/a) D c + response caches 2 L b_r G R (K/a) D c
+                  + the step's float32 logits 3 b_r G (V/v) 4
 Evaluation is the rollout formula with G = 1, B = train.eval_batch_size and
 R = train.eval_max_new_tokens.
 
@@ -158,7 +164,8 @@ class RunShape:
             data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
 
 
-PHASES = ("update", "prefill", "decode", "eval prefill", "eval decode")
+PHASES = ("update", "reshard", "prefill", "decode", "eval prefill", "eval decode")
+ROLLOUT_PHASES = PHASES[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,22 +186,61 @@ class Estimate:
         return self.total(self.peak_phase)
 
 
-@functools.lru_cache(maxsize=32)
-def param_shard_elements(model_config, data: int, fsdp: int, tensor: int) -> int:
-    """Parameter elements on one chip: each weight's shard under ``mesh.param_shardings``
-    (which also raises, naming the weight, when a dimension does not divide its mesh axis)."""
-    import jax
-    from flax import nnx
+def _abstract_mesh(data: int, fsdp: int, tensor: int):
     from jax.sharding import AbstractMesh, AxisType
 
-    from reczero_jax.mesh import MESH_AXES, param_shardings
+    from reczero_jax.mesh import MESH_AXES
+
+    return AbstractMesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+@functools.lru_cache(maxsize=32)
+def param_shard_elements(model_config, data: int, fsdp: int, tensor: int,
+                         rollout: bool = False) -> int:
+    """Parameter elements on one chip: each weight's shard under ``mesh.param_shardings``
+    (which also raises, naming the weight, when a dimension does not divide its mesh axis);
+    ``rollout``: under ``mesh.rollout_rules`` (the sampler's copy)."""
+    import jax
+    from flax import nnx
+
+    from reczero_jax.mesh import TRAINING_RULES, param_shardings, rollout_rules
     from reczero_jax.models.decoder import Decoder
 
     abstract = nnx.state(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
-    mesh = AbstractMesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    shardings = param_shardings(abstract, mesh)
+    mesh = _abstract_mesh(data, fsdp, tensor)
+    rules = rollout_rules(mesh, model_config) if rollout else TRAINING_RULES
+    shardings = param_shardings(abstract, mesh, rules)
     return sum(math.prod(sharding.shard_shape(leaf.shape)) for leaf, sharding in
                zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingLayout:
+    """How ``generate`` splits the rollout over the chips: ``rollout`` (the rollout layout, used
+    when fsdp > 1), the shards of the batch, of the (kv) heads and of the vocabulary, the
+    rollout copy's elements per chip (0 without one) and the rules' fallback notes."""
+
+    rollout: bool
+    batch_shards: int
+    attention_shards: int
+    vocab_shards: int
+    copy_elements: int
+    notes: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=32)
+def sampling_layout(model_config, data: int, fsdp: int, tensor: int) -> SamplingLayout:
+    if fsdp == 1:
+        return SamplingLayout(False, data, tensor, tensor, 0, ())
+    from reczero_jax.mesh import mesh_axis_size, rollout_rules
+
+    mesh = _abstract_mesh(data, fsdp, tensor)
+    rules = rollout_rules(mesh, model_config)
+    return SamplingLayout(True, mesh_axis_size(mesh, rules["batch"]),
+                          mesh_axis_size(mesh, rules["kv_heads"]),
+                          mesh_axis_size(mesh, rules["vocab"]),
+                          param_shard_elements(model_config, data, fsdp, tensor, rollout=True),
+                          rules.notes)
 
 
 def check_batch(shape: RunShape) -> None:
@@ -243,18 +289,26 @@ def estimate(model_config, shape: RunShape) -> Estimate:
     terms[f"activations ({'remat' if shape.remat else 'no remat'})"] = {"update": activations}
     terms["logits, float32 x 3"] = {"update": 3 * b * group * shape.new_tokens * vocab * 4}
 
-    # Sampling: no micro-batches; the sampler pads prompts to its own bucket.
-    cache_per_token = 2 * layers * kv_heads * head_dim * c
+    # Sampling: no micro-batches; the sampler pads prompts to its own bucket and, with fsdp > 1,
+    # works on its rollout copy of the weights.
+    sampler = sampling_layout(cfg, shape.data, shape.fsdp, shape.tensor)
+    if sampler.rollout:
+        copy = sampler.copy_elements * c
+        terms["rollout weights (compute dtype)"] = dict.fromkeys(ROLLOUT_PHASES, copy)
+        terms["reshard transient"] = {"reshard": copy}
+    heads = cfg.num_heads / sampler.attention_shards
+    cache_per_token = 2 * layers * cfg.num_kv_heads / sampler.attention_shards * head_dim * c
     prompt_cache, scores, response_cache, step_logits = {}, {}, {}, {}
     for prefix, prompts, samples, new_tokens in (
             ("", shape.prompts_per_step, group, shape.new_tokens),
             ("eval ", shape.eval_batch_size, 1, shape.eval_new_tokens)):
-        rows, length = prompts / shards, shape.sample_prompt_tokens
+        rows, length = prompts / sampler.batch_shards, shape.sample_prompt_tokens
         prompt_cache.update({prefix + "prefill": cache_per_token * rows * length,
                              prefix + "decode": cache_per_token * rows * length})
         scores[prefix + "prefill"] = 8 * rows * heads * length**2
         response_cache[prefix + "decode"] = cache_per_token * rows * samples * new_tokens
-        step_logits[prefix + "decode"] = 3 * rows * samples * vocab * 4
+        step_logits[prefix + "decode"] = (3 * rows * samples * cfg.vocab_size
+                                          / sampler.vocab_shards * 4)
     terms["prompt KV cache"] = prompt_cache
     terms["prefill scores + softmax (one layer)"] = scores
     terms["response KV caches"] = response_cache
