@@ -84,6 +84,10 @@ def test_rollout_layout_samples_what_the_training_layout_samples(layout, config,
         np.testing.assert_array_equal(reference.tokens, rollout.tokens)
         np.testing.assert_allclose(reference.logprobs, rollout.logprobs, atol=1e-5, rtol=0)
         assert rollout.tokens.sharding.is_equivalent_to(reference.tokens.sharding, 3)
+    # A second rollout reuses the compiled programs (the copy's graph and rules are static).
+    compiled = sampling._decode._cache_size(), sampling._prefill._cache_size()
+    generate(model, ids, mask, **kwargs)
+    assert (sampling._decode._cache_size(), sampling._prefill._cache_size()) == compiled
     # The training parameters keep their layout; the rollout copy has its own.
     assert model.layers.wq[...].sharding.spec == meshlib.logical_to_spec(
         ("layers", "embed", "heads", "head_dim"))
