@@ -27,7 +27,17 @@ the other two arms, so the naive arms are charged for the work they really do. A
 rates are that work over the whole warm call (prefill + decode), divided by the ceilings of
 ``benchmarks.common`` (fp32 matmul FLOP/s, in-place copy bytes/s) measured in this run.
 
-Run: ``python -m benchmarks.sampling [--shapes 1024x128x8 256x64x8 1024x64x4] [--out FILE]``.
+Mesh case (``--mesh 2x4x1 1x8x1``, DATAxFSDPxTENSOR on simulated CPU devices, set up before
+jax starts): the ``shared`` arm with the weights in the training layout (ZeRO-3 over fsdp) and
+``generate``'s default rollout layout side by side, with the collective bytes per chip of one
+decode step and of the reshard, read from the compiled programs
+(``sampling.compile_rollout`` + ``collectives.collective_bytes``). Simulated devices share
+this machine's cores, so their tokens/s are only indicative; the bytes are the measure.
+SmolLM2's 9 heads and 3 kv heads divide no mesh of 2 or more chips here, so its attention is
+replicated in the rollout layout (the rules' stated fallback) and tensor must be 1.
+
+Run: ``python -m benchmarks.sampling [--shapes 1024x128x8 256x64x8 1024x64x4] [--out FILE]``;
+``python -m benchmarks.sampling --mesh 2x4x1 1x8x1 --shapes 64x16x4 --batch 8``.
 """
 
 from __future__ import annotations
@@ -229,6 +239,78 @@ def ratios_table(results: list[Result]) -> str:
                          ("shared / naive", "shared / transformers"))
 
 
+# ----------------------------------------------------------------------------- mesh case
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    try:
+        data, fsdp, tensor = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"mesh {text!r} is not DATAxFSDPxTENSOR (e.g. 2x4x1)") from None
+    return data, fsdp, tensor
+
+
+def mesh_rows(model_dir: Path, mesh_shape: tuple[int, int, int], shape: Shape,
+              repeats: int) -> list[list[str]]:
+    """One row per layout (training, rollout): decode and reshard collectives, tokens/s."""
+    from flax import nnx
+
+    from reczero_jax.collectives import collective_bytes, format_bytes
+    from reczero_jax.mesh import make_mesh
+    from reczero_jax.models.hf import from_pretrained
+    from reczero_jax.sampling import bucket_length, compile_rollout
+
+    mesh = make_mesh(*mesh_shape)
+    model = from_pretrained(model_dir, mesh=mesh)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    rng = np.random.RandomState(0)
+    ids = rng.randint(100, model.config.vocab_size, (shape.batch, shape.prompt)).astype(np.int32)
+    rows = []
+    for rollout_layout in (False, True):
+        programs = compile_rollout(model, batch=shape.batch,
+                                   prompt_length=bucket_length(shape.prompt),
+                                   num_samples=shape.samples, max_new_tokens=shape.new_tokens,
+                                   rollout_layout=rollout_layout)
+        decode = collective_bytes(programs["decode"].as_text()).scaled(1 / shape.new_tokens)
+        reshard = (collective_bytes(programs["reshard"].as_text()).total
+                   if "reshard" in programs else 0.0)
+
+        def run(layout=rollout_layout):
+            from reczero_jax.sampling import generate
+
+            return generate(model, ids, np.ones_like(ids), num_samples=shape.samples,
+                            max_new_tokens=shape.new_tokens, eos_ids=(), rng=jax.random.key(0),
+                            rollout_layout=layout).tokens
+
+        timing = time_call(run, repeats=repeats)
+        rows.append(["x".join(map(str, mesh_shape)), str(shape),
+                     "rollout" if rollout_layout else "training",
+                     f"{decode.total / 1e6:.2f}", f"{100 * decode.total / param_bytes:.2f}%",
+                     format_bytes(decode.by_kind), f"{reshard / 1e6:.1f}",
+                     f"{shape.generated / timing.median_s:.1f}", f"{timing.compile_s:.1f}"])
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def mesh_main(args) -> str:
+    from reczero_jax.plan import simulated_devices
+
+    meshes = [parse_mesh(text) for text in args.mesh]
+    simulated_devices(max(d * f * t for d, f, t in meshes))  # before jax starts its backends
+    model_dir = ensure_model_dir(args.model_dir)
+    rows = [row for mesh_shape in meshes for text in args.shapes
+            for row in mesh_rows(model_dir, mesh_shape, Shape.parse(text, args.batch),
+                                 args.repeats)]
+    table = markdown_table(["mesh", "shape", "layout", "decode MB/token", "of params",
+                            "by kind", "reshard MB", "tokens/s", "compile s"], rows)
+    report = "\n\n".join([
+        f"Sampling on a mesh of simulated CPU devices, SmolLM2-135M fp32 "
+        f"({describe_machine()}). Collective bytes per chip from the compiled programs; "
+        f"tokens/s of simulated devices sharing the cores are only indicative. Median of "
+        f"{args.repeats} warm call(s).", table])
+    return emit_report(report, args.out)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
@@ -242,7 +324,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--torch-threads", type=int, default=cpu_count(),
                         help="torch.set_num_threads (default: the cores XLA's CPU pool uses)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument("--mesh", nargs="+", metavar="DATAxFSDPxTENSOR",
+                        help="run the mesh case instead: training vs rollout layout on "
+                             "simulated CPU devices")
     args = parser.parse_args(argv)
+    if args.mesh:
+        return mesh_main(args)
     shapes = [Shape.parse(text, args.batch) for text in args.shapes]
 
     import torch

@@ -31,13 +31,35 @@ Update phase (``Trainer.grpo_update``: forward, backward, AdamW)
     logits      = 3 x b G R (V/t) x 4 bytes: float32 logits, their softmax (log-prob and
                   entropy) and its cotangent. With V = 152,064 this is often the largest term.
 
-Rollout phase (``sampling.generate``; no micro-batches: b_r = B / n prompts per chip, the
-prompt padded to the sampler's bucket P_s)
-    prefill     = prompt cache + one layer's scores and softmax: 8 b_r (H/t) P_s^2
-    decode      = prompt cache 2 L b_r P_s (K/t) D c + response caches 2 L b_r G R (K/t) D c
-                  + the step's float32 logits 3 b_r G (V/t) 4
+Rollout phase (``sampling.generate``; no micro-batches; the prompt padded to the sampler's
+bucket P_s). With fsdp > 1 the sampler works in the rollout layout (``mesh.rollout_rules``):
+b_r = B / data prompts per chip, heads and kv heads split a ways and the vocabulary v ways over
+fsdp x tensor (the rules' fallbacks included); with fsdp = 1, b_r = B / n and a = v = t.
+    reshard     = rollout weights W_r + the transfer's transient 2 W_r: the training shards
+                  cast to c and the all-to-all's receive buffers (XLA's memory analysis of the
+                  reshard on CPU, Qwen2.5-7B on 4 chips: 8.4 GiB of temporaries for W_r = 3.55)
+    W_r         = sum over weights of (its rollout shard's elements) x c, in every rollout
+                  phase (norm scales, a few kB, counted at c too)
+    prefill     = prompt cache + one layer's scores and softmax: 8 b_r (H/a) P_s^2
+    decode      = prompt cache 2 L b_r P_s (K/a) D c + response caches 2 L b_r G R (K/a) D c
+                  + the step's float32 logits 3 b_r G (V/v) 4
 Evaluation is the rollout formula with G = 1, B = train.eval_batch_size and
 R = train.eval_max_new_tokens.
+
+Collectives and time (``--compile``): the sampler's programs (reshard, prefill, decode) are
+compiled for the config's shapes on a simulated CPU mesh of the slice's chips (abstract
+arrays, nothing allocated) and their collective bytes per chip read from the HLO
+(``collectives.collective_bytes``: the decode loop's body times its trip count R, shown per
+token). The update's traffic is a ZeRO-3 formula, per micro-batch: every fsdp-sharded weight
+is all-gathered for the forward and again for the backward (2 W_g, W_g = the weights gathered
+over fsdp, param dtype) and its gradient reduce-scattered (W_g), plus an all-reduce of the
+gradient shard over data when data > 1 (``tests/test_plan.py``: the total within 25 % of the
+compiled update's on a CPU mesh with fsdp = 4; XLA on CPU reduces with all-reduce where this
+says reduce-scatter). Bytes become time at the chip's ICI bandwidth in one
+direction (``INTERCONNECT``: half the published bidirectional figure; a lower bound: links
+are shared and collectives rarely reach peak); a decode token also reads each chip's rollout
+weights and KV caches from HBM, the floor of its time. XLA's own memory analysis of each
+program is printed next to the formulas.
 
 The peak is the largest phase. The verdict compares it with 90 % of the chip's HBM: the
 runtime keeps part of HBM for itself and XLA's buffer packing is not perfect.
@@ -66,6 +88,12 @@ USABLE_FRACTION = 0.9
 # /v6e: "32 GiB", "16 GB", "95 GB", "32 GB"), read here as GiB. Were the "GB" decimal, the
 # usable budget (90 %) would still be below them: 85.5 GiB < 95e9 bytes = 88.5 GiB.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# Per chip, bytes/s: (HBM bandwidth, bidirectional inter-chip interconnect bandwidth), as the
+# Cloud TPU pages give them (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e):
+# v4 "1200 GBps" HBM (the page gives no ICI figure); v5e "819 GBps", ICI "400 GBps";
+# v5p "2765 GBps", ICI "1200 GBps"; v6e "1638 GBps", ICI "800 GBps".
+BANDWIDTH = {"v4": (1200e9, None), "v5e": (819e9, 400e9), "v5p": (2765e9, 1200e9),
+             "v6e": (1638e9, 800e9)}
 # The number in an accelerator type counts TensorCores on v4 and v5p (two per chip, one JAX
 # device per chip) and chips on v5e and v6e (one TensorCore each).
 CORES_PER_CHIP = {"v4": 2, "v5e": 1, "v5p": 2, "v6e": 1}
@@ -155,7 +183,8 @@ class RunShape:
             data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
 
 
-PHASES = ("update", "prefill", "decode", "eval prefill", "eval decode")
+PHASES = ("update", "reshard", "prefill", "decode", "eval prefill", "eval decode")
+ROLLOUT_PHASES = PHASES[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,22 +205,61 @@ class Estimate:
         return self.total(self.peak_phase)
 
 
-@functools.lru_cache(maxsize=32)
-def param_shard_elements(model_config, data: int, fsdp: int, tensor: int) -> int:
-    """Parameter elements on one chip: each weight's shard under ``mesh.param_shardings``
-    (which also raises, naming the weight, when a dimension does not divide its mesh axis)."""
-    import jax
-    from flax import nnx
+def _abstract_mesh(data: int, fsdp: int, tensor: int):
     from jax.sharding import AbstractMesh, AxisType
 
-    from reczero_jax.mesh import MESH_AXES, param_shardings
+    from reczero_jax.mesh import MESH_AXES
+
+    return AbstractMesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+@functools.lru_cache(maxsize=32)
+def param_shard_elements(model_config, data: int, fsdp: int, tensor: int,
+                         rollout: bool = False) -> int:
+    """Parameter elements on one chip: each weight's shard under ``mesh.param_shardings``
+    (which also raises, naming the weight, when a dimension does not divide its mesh axis);
+    ``rollout``: under ``mesh.rollout_rules`` (the sampler's copy)."""
+    import jax
+    from flax import nnx
+
+    from reczero_jax.mesh import TRAINING_RULES, param_shardings, rollout_rules
     from reczero_jax.models.decoder import Decoder
 
     abstract = nnx.state(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
-    mesh = AbstractMesh((data, fsdp, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    shardings = param_shardings(abstract, mesh)
+    mesh = _abstract_mesh(data, fsdp, tensor)
+    rules = rollout_rules(mesh, model_config) if rollout else TRAINING_RULES
+    shardings = param_shardings(abstract, mesh, rules)
     return sum(math.prod(sharding.shard_shape(leaf.shape)) for leaf, sharding in
                zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingLayout:
+    """How ``generate`` splits the rollout over the chips: ``rollout`` (the rollout layout, used
+    when fsdp > 1), the shards of the batch, of the (kv) heads and of the vocabulary, the
+    rollout copy's elements per chip (0 without one) and the rules' fallback notes."""
+
+    rollout: bool
+    batch_shards: int
+    attention_shards: int
+    vocab_shards: int
+    copy_elements: int
+    notes: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=32)
+def sampling_layout(model_config, data: int, fsdp: int, tensor: int) -> SamplingLayout:
+    if fsdp == 1:
+        return SamplingLayout(False, data, tensor, tensor, 0, ())
+    from reczero_jax.mesh import mesh_axis_size, rollout_rules
+
+    mesh = _abstract_mesh(data, fsdp, tensor)
+    rules = rollout_rules(mesh, model_config)
+    return SamplingLayout(True, mesh_axis_size(mesh, rules["batch"]),
+                          mesh_axis_size(mesh, rules["kv_heads"]),
+                          mesh_axis_size(mesh, rules["vocab"]),
+                          param_shard_elements(model_config, data, fsdp, tensor, rollout=True),
+                          rules.notes)
 
 
 def check_batch(shape: RunShape) -> None:
@@ -236,18 +304,26 @@ def estimate(model_config, shape: RunShape) -> Estimate:
     terms[f"activations ({'remat' if shape.remat else 'no remat'})"] = {"update": activations}
     terms["logits, float32 x 3"] = {"update": 3 * b * group * shape.new_tokens * vocab * 4}
 
-    # Sampling: no micro-batches; the sampler pads prompts to its own bucket.
-    cache_per_token = 2 * layers * kv_heads * head_dim * c
+    # Sampling: no micro-batches; the sampler pads prompts to its own bucket and, with fsdp > 1,
+    # works on its rollout copy of the weights.
+    sampler = sampling_layout(cfg, shape.data, shape.fsdp, shape.tensor)
+    if sampler.rollout:
+        copy = sampler.copy_elements * c
+        terms["rollout weights (compute dtype)"] = dict.fromkeys(ROLLOUT_PHASES, copy)
+        terms["reshard transient"] = {"reshard": 2 * copy}
+    heads = cfg.num_heads / sampler.attention_shards
+    cache_per_token = 2 * layers * cfg.num_kv_heads / sampler.attention_shards * head_dim * c
     prompt_cache, scores, response_cache, step_logits = {}, {}, {}, {}
     for prefix, prompts, samples, new_tokens in (
             ("", shape.prompts_per_step, group, shape.new_tokens),
             ("eval ", shape.eval_batch_size, 1, shape.eval_new_tokens)):
-        rows, length = prompts / shards, shape.sample_prompt_tokens
+        rows, length = prompts / sampler.batch_shards, shape.sample_prompt_tokens
         prompt_cache.update({prefix + "prefill": cache_per_token * rows * length,
                              prefix + "decode": cache_per_token * rows * length})
         scores[prefix + "prefill"] = 8 * rows * heads * length**2
         response_cache[prefix + "decode"] = cache_per_token * rows * samples * new_tokens
-        step_logits[prefix + "decode"] = 3 * rows * samples * vocab * 4
+        step_logits[prefix + "decode"] = (3 * rows * samples * cfg.vocab_size
+                                          / sampler.vocab_shards * 4)
     terms["prompt KV cache"] = prompt_cache
     terms["prefill scores + softmax (one layer)"] = scores
     terms["response KV caches"] = response_cache
@@ -345,6 +421,108 @@ def format_plan(model_config, model_source: str, shape: RunShape, tpu: TpuSlice)
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- collectives
+
+
+def update_collectives(model_config, shape: RunShape) -> dict[str, float]:
+    """Per-chip bytes of one update step by the ZeRO-3 formula (module docstring)."""
+    if shape.fsdp == 1 and shape.data == 1:
+        return {}
+    gathered = param_shard_elements(model_config, 1, 1, shape.tensor) * shape.param_bytes
+    own = param_shard_elements(model_config, shape.data, shape.fsdp, shape.tensor)
+    result = {}
+    if shape.fsdp > 1:
+        result["all-gather"] = 2 * shape.micro_batches * gathered
+        result["reduce-scatter"] = shape.micro_batches * gathered
+    if shape.data > 1:
+        result["all-reduce"] = shape.micro_batches * own * shape.param_bytes
+    return result
+
+
+def simulated_devices(count: int) -> list:
+    """``count`` CPU devices for compiling (never running) a slice's programs; works when jax's
+    backends have not started yet, else needs XLA_FLAGS set before jax was imported."""
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
+    except RuntimeError:  # backends already initialised: use what there is
+        pass
+    devices = jax.devices("cpu")
+    if len(devices) < count:
+        raise ValueError(f"--compile needs {count} simulated CPU devices, jax has "
+                         f"{len(devices)}: set XLA_FLAGS=--xla_force_host_platform_device_count="
+                         f"{count} before jax is imported")
+    return devices[:count]
+
+
+def compiled_rollout(model_config, shape: RunShape) -> dict[str, dict]:
+    """XLA's view of the sampler's programs for ``shape`` on a simulated CPU mesh: per program
+    (reshard, prefill, decode) its collective bytes by kind and its memory analysis."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from reczero_jax.collectives import collective_bytes
+    from reczero_jax.mesh import make_mesh
+    from reczero_jax.models.decoder import Decoder
+    from reczero_jax.sampling import compile_rollout
+
+    dtypes = {4: jnp.float32, 2: jnp.bfloat16}
+    mesh = make_mesh(shape.data, shape.fsdp, shape.tensor,
+                     devices=simulated_devices(shape.devices))
+    model = nnx.eval_shape(lambda: Decoder(
+        model_config, dtype=dtypes[shape.compute_bytes], param_dtype=dtypes[shape.param_bytes],
+        rngs=nnx.Rngs(0), mesh=mesh, remat=shape.remat))
+    programs = compile_rollout(model, batch=shape.prompts_per_step,
+                               prompt_length=shape.sample_prompt_tokens,
+                               num_samples=shape.group_size, max_new_tokens=shape.new_tokens)
+    return {name: {"collectives": collective_bytes(program.as_text()),
+                   "memory": program.memory_analysis()} for name, program in programs.items()}
+
+
+def format_collectives(model_config, shape: RunShape, tpu: TpuSlice, compiled: dict) -> str:
+    """Collective bytes per chip of each program, as time at the slice's bandwidths."""
+    from reczero_jax.collectives import format_bytes
+
+    hbm, ici = BANDWIDTH[tpu.generation]
+    one_way = None if ici is None else ici / 2
+
+    def seconds(total: float) -> str:
+        return "no ICI figure" if one_way is None else f"{total / one_way * 1e3:9.2f} ms"
+
+    lines = [f"collectives per chip (XLA, simulated CPU mesh of {shape.devices} devices; time "
+             f"at {tpu.generation} ICI {'n/a' if ici is None else f'{one_way / 1e9:.0f} GB/s'}"
+             f" one way, HBM {hbm / 1e9:.0f} GB/s)"]
+    rows = []
+    for name, label, factor in (("reshard", "reshard (once per rollout)", 1.0),
+                                ("prefill", "prefill", 1.0),
+                                ("decode", "decode, per token", 1 / shape.new_tokens),
+                                ("decode", f"decode, {shape.new_tokens} tokens", 1.0)):
+        if name in compiled:
+            bytes_ = compiled[name]["collectives"].scaled(factor)
+            rows.append((label, bytes_.by_kind, bytes_.total))
+    update = {k: v * 1.0 for k, v in update_collectives(model_config, shape).items()}
+    rows.append(("update (ZeRO-3 formula)", update, sum(update.values())))
+    for label, by_kind, total in rows:
+        lines.append(f"  {label:<28} {seconds(total)}   {format_bytes(by_kind)}")
+    sampler = sampling_layout(model_config, shape.data, shape.fsdp, shape.tensor)
+    weights = (sampler.copy_elements * shape.compute_bytes if sampler.rollout
+               else param_shard_elements(model_config, shape.data, shape.fsdp, shape.tensor)
+               * shape.param_bytes)
+    caches = estimate(model_config, shape).terms
+    cache_bytes = (caches["prompt KV cache"]["decode"] + caches["response KV caches"]["decode"])
+    lines.append(f"  decode HBM floor per token   {(weights + cache_bytes) / hbm * 1e3:9.2f} ms"
+                 f"   reads weights {weights / GIB:.2f} GiB + KV caches {cache_bytes / GIB:.2f} GiB")
+    lines.extend(f"  note: {note}" for note in sampler.notes)
+    lines.append("XLA memory analysis per chip (GiB: arguments, temporaries, outputs):")
+    for name, result in compiled.items():
+        memory = result["memory"]
+        lines.append(f"  {name:<8} {memory.argument_size_in_bytes / GIB:8.2f} "
+                     f"{memory.temp_size_in_bytes / GIB:8.2f} "
+                     f"{memory.output_size_in_bytes / GIB:8.2f}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -381,6 +559,10 @@ def register(subparsers) -> None:
                       help="accelerator type: v4-8, v5p-8, v5e-16 (v5litepod-16), v6e-8, ...")
     plan.add_argument("--model-config", help="a config.json file or a preset "
                       f"({', '.join(PRESETS)}), when model.path is not on this machine")
+    plan.add_argument("--compile", action="store_true",
+                      help="also compile the sampler's programs on a simulated CPU mesh of the "
+                           "slice's chips: collective bytes and time per step, XLA's memory "
+                           "analysis (minutes for a 7B model; nothing is allocated)")
     plan.set_defaults(func=_plan)
 
 
@@ -389,6 +571,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     model_config, source = load_model_config(config.model.path, args.model_config)
-    print(format_plan(model_config, source, RunShape.from_config(config),
-                      parse_slice(args.tpu_slice)))
+    shape, tpu = RunShape.from_config(config), parse_slice(args.tpu_slice)
+    print(format_plan(model_config, source, shape, tpu))
+    if args.compile:
+        print(format_collectives(model_config, shape, tpu, compiled_rollout(model_config, shape)))
     return 0

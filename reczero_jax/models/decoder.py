@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from reczero_jax.mesh import constrain
+from reczero_jax.mesh import TRAINING_RULES, constrain
 from reczero_jax.models import attention as attention_lib
 from reczero_jax.models.config import ModelConfig
 
@@ -146,11 +146,12 @@ class DecoderLayers(nnx.Module):
 class Decoder(nnx.Module):
     """Llama / Qwen2 decoder. ``dtype`` is the compute dtype; parameters keep ``param_dtype``.
 
-    ``mesh`` (optional, static) turns on activation sharding constraints: the batch over
-    ``("data", "fsdp")``. ``remat`` recomputes each block in the backward pass.
-    ``attention`` names the implementation of the training forward and the prefill (one of
-    ``models.attention.IMPLEMENTATIONS``; ``auto``: the best for the backend); decoding
-    steps (one query against the cache) always use ``materialized``.
+    ``mesh`` (optional, static) turns on activation sharding constraints: the batch by the
+    ``axis_rules`` table (``mesh.TRAINING_RULES``: over ``("data", "fsdp")``; the sampler's
+    rollout copy carries ``mesh.rollout_rules``). ``remat`` recomputes each block in the
+    backward pass. ``attention`` names the implementation of the training forward and the
+    prefill (one of ``models.attention.IMPLEMENTATIONS``; ``auto``: the best for the backend);
+    decoding steps (one query against the cache) always use ``materialized``.
     """
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -160,6 +161,7 @@ class Decoder(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.mesh = mesh
+        self.axis_rules = TRAINING_RULES
         self.remat = remat
         self.attention = attention
         self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
@@ -282,4 +284,4 @@ class Decoder(nnx.Module):
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         """Shard activations [B, G, T, d] over the batch when a mesh is configured."""
-        return constrain(x, self.mesh, ("batch", None, None, None))
+        return constrain(x, self.mesh, ("batch", None, None, None), self.axis_rules)
