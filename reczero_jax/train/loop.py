@@ -238,7 +238,7 @@ class Session:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.path)
         self.base_model = from_pretrained(config.model.path, dtype=jax_dtype(config.model.dtype),
                                           param_dtype=jax_dtype(config.model.param_dtype),
-                                          mesh=self.mesh)
+                                          mesh=self.mesh, attention=config.model.attention)
         self.base_model.remat = config.model.remat
         self.train_records = take_subset(load_split(config.data.dir, "train"),
                                          config.data.train_samples, config.data.subset,
