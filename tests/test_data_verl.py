@@ -147,7 +147,7 @@ def test_prepare_caps_a_split_and_rejects_a_verl_run_without_source(verl_files, 
     assert status == 0 and "samples: train: 2" in stdout
     assert "available: {'train': 3, 'validation': 0, 'test': 1}" in stdout
     assert len(load_split(tmp_path, "train")) == 2
-    with pytest.raises(SystemExit, match="needs --source"):
+    with pytest.raises(ValueError, match="needs --source"):
         run_cli("--dataset", "verl-parquet", "--out", tmp_path / "none", "--tokenizer", "none")
 
 
