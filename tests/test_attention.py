@@ -14,8 +14,13 @@ from reczero_jax import mesh as meshlib
 from reczero_jax.models import Decoder, attention, from_pretrained, save_pretrained
 from reczero_jax.models.decoder import causal_mask
 from reczero_jax.train.step import OptimConfig, Trainer
-from tests.test_sampling import TINY, left_padded_prompts, tiny_model
-from tests.test_train_step import assert_same_loss_and_grads, fake_rollout
+from tests.helpers import (
+    TINY,
+    assert_same_loss_and_grads,
+    fake_rollout,
+    left_padded_prompts,
+    tiny_model,
+)
 
 B, G, T, H, K, D, PREFIX = 4, 3, 13, 4, 2, 8, 11  # GQA: 2 query heads per kv head
 SMALL_BLOCKS = dict(block_q=4, block_k=5)  # 13 queries, 13 and 11 keys: ragged last blocks

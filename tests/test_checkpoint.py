@@ -24,7 +24,7 @@ from reczero_jax.train.checkpoint import (
     check_compatible,
 )
 from reczero_jax.train.step import Trainer
-from tests.test_sampling import tiny_model
+from tests.helpers import tiny_model
 
 CONFIG = {
     "model": {"path": "tiny", "hidden_size": 32, "vocab_size": 96},

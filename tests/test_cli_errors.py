@@ -8,11 +8,6 @@ import sys
 import pytest
 
 from reczero_jax.cli import main
-from tests import fixtures_run
-
-# The shared fixtures, by name (pytest finds them as module attributes).
-small_ml100k = fixtures_run.small_ml100k
-tiny_model_dir = fixtures_run.tiny_model_dir
 
 CONFIG = "configs/reczero_ml100k_smollm2.yaml"
 

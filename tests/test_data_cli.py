@@ -1,9 +1,6 @@
 """`reczero data prepare` end to end: TFDS array_record output, load_split, tfds.data_source
 without TensorFlow, printed counts, and the errors users meet."""
 
-import argparse
-import contextlib
-import io
 import json
 import logging
 import random
@@ -14,24 +11,14 @@ from pathlib import Path
 import pytest
 
 from reczero_jax.data import load_split
-from reczero_jax.data.cli import PICKLE_HELP, register
+from reczero_jax.data.cli import PICKLE_HELP
 from reczero_jax.data.pipeline import make_pipeline
 from reczero_jax.data.samples import build_samples
 from reczero_jax.data.sources import read_source
 from reczero_jax.data.tfds_builder import load_metadata
+from tests.helpers import run_data_prepare
 
 DATA = Path(__file__).parent / "data"
-
-
-def run_cli(*argv):
-    """(exit status, stdout, stderr) of ``reczero data prepare ...`` through ``register``."""
-    parser = argparse.ArgumentParser(prog="reczero")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", "prepare", *map(str, argv)])
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = args.func(args)
-    return status, out.getvalue(), err.getvalue()
 
 
 def report_lines(stdout):
@@ -53,7 +40,7 @@ def tokenizer_dir(smollm2_tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ml100k(tmp_path_factory, tokenizer_dir):
     out = tmp_path_factory.mktemp("ml100k")
-    status, stdout, _ = run_cli(
+    status, stdout, _ = run_data_prepare(
         "--dataset", "movielens-100k", "--out", out, "--tokenizer", tokenizer_dir,
         "--length-sample", 100,
     )  # fmt: skip
@@ -119,10 +106,10 @@ def test_tfds_data_source_reads_without_tensorflow(ml100k):
 @pytest.mark.slow
 def test_rerun_reuses_or_refuses(ml100k):
     out, stdout = ml100k
-    status, again, _ = run_cli("--dataset", "movielens-100k", "--out", out, "--tokenizer", "none")
+    status, again, _ = run_data_prepare("--dataset", "movielens-100k", "--out", out, "--tokenizer", "none")
     assert status == 0 and "reused:" in again
     assert report_lines(again) == report_lines(stdout)
-    status, _, err = run_cli(
+    status, _, err = run_data_prepare(
         "--dataset", "movielens-100k", "--out", out, "--tokenizer", "none",
         "--split-mode", "global-time",
     )  # fmt: skip
@@ -130,7 +117,7 @@ def test_rerun_reuses_or_refuses(ml100k):
 
 
 def test_amazon_prepare_reports_every_skip(tmp_path, tokenizer_dir, smollm2_tokenizer):
-    status, stdout, _ = run_cli(
+    status, stdout, _ = run_data_prepare(
         "--dataset", "amazon", "--source", DATA / "amazon2018", "--out", tmp_path,
         "--tokenizer", tokenizer_dir,
     )  # fmt: skip
@@ -157,7 +144,7 @@ def test_amazon_prepare_reports_every_skip(tmp_path, tokenizer_dir, smollm2_toke
 
 def test_empty_splits_are_not_written(tmp_path):
     source = DATA / "amazon2023" / "All_Beauty.jsonl"
-    status, stdout, _ = run_cli(
+    status, stdout, _ = run_data_prepare(
         "--dataset", "amazon", "--source", source, "--out", tmp_path, "--tokenizer", "none"
     )
     assert status == 0 and "train: 0  validation: 0  test: 1" in stdout
@@ -167,7 +154,7 @@ def test_empty_splits_are_not_written(tmp_path):
 
     # TFDS's prints, progress bars and absl messages are in the log file, not on the terminal.
     absl_handlers = list(logging.getLogger("absl").handlers)
-    _, stdout, stderr = run_cli("--dataset", "amazon", "--source", source, "--out",
+    _, stdout, stderr = run_data_prepare("--dataset", "amazon", "--source", source, "--out",
                                 tmp_path / "quiet", "--tokenizer", "none")
     assert "Downloading and preparing" not in stdout and "prepared to" not in stdout
     assert "Generating" not in stderr and "Shuffling" not in stderr
@@ -177,7 +164,7 @@ def test_empty_splits_are_not_written(tmp_path):
 
 
 def test_on_error_fail_names_file_and_line(tmp_path):
-    status, _, err = run_cli(
+    status, _, err = run_data_prepare(
         "--dataset", "yelp", "--source", DATA / "yelp", "--out", tmp_path, "--on-error", "fail",
         "--tokenizer", "none",
     )  # fmt: skip
@@ -191,11 +178,11 @@ def test_pickle_needs_the_flag(tmp_path):
     rows = [json.loads(line) for line in (DATA / "table" / "music.jsonl").read_text().splitlines()]
     path = tmp_path / "music.pkl"
     path.write_bytes(pickle.dumps(rows))
-    status, _, err = run_cli(
+    status, _, err = run_data_prepare(
         "--dataset", "table", "--source", path, "--out", tmp_path / "a", "--tokenizer", "none"
     )
     assert status == 2 and "--allow-pickle" in err
-    status, stdout, _ = run_cli(
+    status, stdout, _ = run_data_prepare(
         "--dataset", "table", "--source", path, "--out", tmp_path / "b", "--tokenizer", "none",
         "--allow-pickle",
     )  # fmt: skip
@@ -204,7 +191,7 @@ def test_pickle_needs_the_flag(tmp_path):
 
 
 def test_missing_source_is_one_clear_error(tmp_path):
-    status, stdout, err = run_cli(
+    status, stdout, err = run_data_prepare(
         "--dataset", "movielens-1m", "--source", tmp_path, "--out", tmp_path, "--tokenizer", "none"
     )
     assert status == 2 and "interactions read" not in stdout
@@ -212,7 +199,7 @@ def test_missing_source_is_one_clear_error(tmp_path):
 
 
 def test_global_time_split_and_max_samples(tmp_path):
-    status, stdout, _ = run_cli(
+    status, stdout, _ = run_data_prepare(
         "--dataset", "amazon", "--source", DATA / "amazon2018", "--out", tmp_path,
         "--tokenizer", "none", "--split-mode", "global-time", "--validation-fraction", 0.2,
         "--test-fraction", 0.3, "--max-samples", "train=2",
@@ -227,4 +214,4 @@ def test_global_time_split_and_max_samples(tmp_path):
     assert max(times["train"]) < min(times["validation"]) <= max(times["validation"])
     assert max(times["validation"]) < min(times["test"])
     with pytest.raises(ValueError, match="use SPLIT=N"):
-        run_cli("--dataset", "amazon", "--out", tmp_path, "--max-samples", "dev=3")
+        run_data_prepare("--dataset", "amazon", "--out", tmp_path, "--max-samples", "dev=3")

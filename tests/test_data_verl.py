@@ -12,7 +12,7 @@ from reczero_jax.data.pipeline import make_pipeline
 from reczero_jax.data.sources import DataError, ReadReport
 from reczero_jax.data.tfds_builder import load_metadata
 from reczero_jax.data.verl_parquet import DEFAULT_AVG_RATING, read_verl_parquet
-from tests.test_data_cli import run_cli
+from tests.helpers import run_data_prepare
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 EXTRA = pa.struct([("index", pa.int64()), ("split", pa.string()), ("user_id", pa.string()),
@@ -114,7 +114,7 @@ def test_split_from_extra_info_when_the_file_name_has_none(tmp_path):
 
 
 def test_prepare_writes_splits_whose_prompts_are_verls(verl_files, tmp_path, qwen2_tokenizer):
-    status, stdout, _ = run_cli("--dataset", "verl-parquet", "--source", *verl_files,
+    status, stdout, _ = run_data_prepare("--dataset", "verl-parquet", "--source", *verl_files,
                                 "--out", tmp_path / "out", "--tokenizer", "none")
     assert status == 0
     assert "rows read: 12  rejected: 8" in stdout and "samples: train: 3  validation: 0  test: 1" in stdout
@@ -142,13 +142,14 @@ def test_prepare_writes_splits_whose_prompts_are_verls(verl_files, tmp_path, qwe
 
 
 def test_prepare_caps_a_split_and_rejects_a_verl_run_without_source(verl_files, tmp_path):
-    status, stdout, _ = run_cli("--dataset", "verl-parquet", "--source", *verl_files,
+    status, stdout, _ = run_data_prepare("--dataset", "verl-parquet", "--source", *verl_files,
                                 "--out", tmp_path, "--tokenizer", "none", "--max-samples", "train=2")
     assert status == 0 and "samples: train: 2" in stdout
     assert "available: {'train': 3, 'validation': 0, 'test': 1}" in stdout
     assert len(load_split(tmp_path, "train")) == 2
     with pytest.raises(ValueError, match="needs --source"):
-        run_cli("--dataset", "verl-parquet", "--out", tmp_path / "none", "--tokenizer", "none")
+        run_data_prepare("--dataset", "verl-parquet", "--out", tmp_path / "none",
+                         "--tokenizer", "none")
 
 
 # The authors' layout exactly: their make_prefix ChatML string (system turn, user turn, opened
@@ -177,7 +178,7 @@ def test_authors_chatml_prompts_are_tokenised_verbatim(tmp_path, qwen2_tokenizer
     assert AUTHORS_PROMPT.startswith("<|im_start|>system\n")
     assert AUTHORS_PROMPT.endswith("<|im_end|>\n<|im_start|>assistant\n")
     source = write_authors_file(tmp_path / "train.parquet", [AUTHORS_PROMPT] * 2, ["4", "2"])
-    status, stdout, _ = run_cli("--dataset", "verl-parquet", "--source", source,
+    status, stdout, _ = run_data_prepare("--dataset", "verl-parquet", "--source", source,
                                 "--out", tmp_path / "out", "--tokenizer", "none")
     assert status == 0
     assert "prompts: --verl-prompt auto" in stdout

@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 
 from reczero_jax.models import Decoder
-from tests.test_sampling import TINY, left_padded_prompts, tiny_model
+from tests.helpers import TINY, left_padded_prompts, tiny_model
 
 
 def test_bf16_compute_with_fp32_params_stays_close_to_fp32():

@@ -20,10 +20,6 @@ from reczero_jax.models import from_pretrained
 from reczero_jax.train.checkpoint import Checkpointer
 from reczero_jax.train.cli import register
 from reczero_jax.train.step import Trainer
-from tests import fixtures_run
-
-# The shared fixtures, by name (pytest finds them as module attributes).
-tiny_model_dir = fixtures_run.tiny_model_dir
 
 IDS = np.random.default_rng(0).integers(0, 49152, (2, 24)).astype(np.int32)
 

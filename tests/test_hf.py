@@ -16,54 +16,9 @@ from safetensors.numpy import load_file, save_file
 from reczero_jax import mesh as meshlib
 from reczero_jax.data.padding import left_pad
 from reczero_jax.models.hf import from_pretrained, save_pretrained
+from tests.helpers import HF_CASES, HF_TINY, make_torch_model
 
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6,
-            bos_token_id=1, eos_token_id=2)
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                   high_freq_factor=4.0, original_max_position_embeddings=256)
-CASES = {
-    "qwen2-bias-untied": (transformers.Qwen2Config,
-                          dict(num_hidden_layers=2, tie_word_embeddings=False)),
-    "qwen2-bias-tied": (transformers.Qwen2Config,
-                        dict(num_hidden_layers=2, tie_word_embeddings=True)),
-    "llama-gqa4-tied": (transformers.LlamaConfig,
-                        dict(num_hidden_layers=3, num_key_value_heads=1, tie_word_embeddings=True)),
-    # head_dim 32 != hidden / heads, llama3 rope scaling whose bands the 512-token test spans
-    "llama3-rope-untied": (transformers.LlamaConfig,
-                           dict(num_hidden_layers=2, head_dim=32, tie_word_embeddings=False,
-                                rope_parameters=LLAMA3_ROPE)),
-}
 TOLERANCE = 1e-5
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every weight random (transformers zero-initialises biases and sets norms to one).
-
-    Weights of std 0.15 make attention far from uniform (scores of std ~1.4), so a wrong
-    position, mask or head mapping moves the logits by O(0.1). The final norm scale of ~0.3
-    brings the logits to std ~0.3: there float32 rounding (transformers' own fp32 logits
-    differ from its fp64 ones by ~1e-5 at std 1.2) stays under the 1e-5 tolerance.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name == "model.norm.weight":
-                param.copy_(0.3 * (1 + 0.2 * noise))
-            elif name.endswith("norm.weight"):
-                param.copy_(1 + 0.2 * noise)
-            else:
-                param.copy_(0.15 * noise)
-
-
-def make_torch_model(case: str, seed: int = 0) -> transformers.PreTrainedModel:
-    config_class, overrides = CASES[case]
-    config = config_class(**{**TINY, **overrides})
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, attn_implementation="eager", dtype=torch.float32)
-    randomize(model, seed)
-    return model.eval()
 
 
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
@@ -80,10 +35,9 @@ def max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
-
 # The same two inputs everywhere, so the jitted forward compiles once per config.
-LONG_IDS = np.random.default_rng(1).integers(0, TINY["vocab_size"], (1, 520)).astype(np.int32)
-PADDED_ROWS = [np.random.default_rng(n).integers(3, TINY["vocab_size"], n) for n in (37, 20, 5, 30)]
+LONG_IDS = np.random.default_rng(1).integers(0, HF_TINY["vocab_size"], (1, 520)).astype(np.int32)
+PADDED_ROWS = [np.random.default_rng(n).integers(3, HF_TINY["vocab_size"], n) for n in (37, 20, 5, 30)]
 PADDED_IDS, PADDED_MASK = left_pad(PADDED_ROWS, max(map(len, PADDED_ROWS)), pad_id=0)
 
 
@@ -95,7 +49,7 @@ def padded_logits(model):
     return np.asarray(forward(model, jnp.asarray(PADDED_IDS), jnp.asarray(PADDED_MASK)))
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=list(HF_CASES))
 def checkpoint(request, tmp_path_factory):
     """(case name, torch model, its save_pretrained directory, our model loaded from it)."""
     model = make_torch_model(request.param)
@@ -109,7 +63,7 @@ def test_long_sequence_matches_transformers(checkpoint):
     ours = long_logits(model)
     diff = max_diff(ours, torch_logits(torch_model, LONG_IDS))
     print(f"{case}: {LONG_IDS.shape[1]} tokens, max |logit diff| vs transformers = {diff:.2e}")
-    assert ours.shape == (*LONG_IDS.shape, TINY["vocab_size"]) and ours.dtype == np.float32
+    assert ours.shape == (*LONG_IDS.shape, HF_TINY["vocab_size"]) and ours.dtype == np.float32
     assert diff < TOLERANCE
 
 

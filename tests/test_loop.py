@@ -15,11 +15,6 @@ from reczero_jax.train import loop
 from reczero_jax.train.checkpoint import Checkpointer
 from reczero_jax.train.export import restore_model
 from reczero_jax.train.loop import plan_phases, run
-from tests import fixtures_run
-
-# The shared fixtures, by name (pytest finds them as module attributes).
-small_ml100k = fixtures_run.small_ml100k
-tiny_model_dir = fixtures_run.tiny_model_dir
 
 
 @pytest.mark.slow

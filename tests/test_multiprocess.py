@@ -8,7 +8,6 @@ tests/conftest.py) runs the same steps alone and restores that checkpoint.
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +21,9 @@ from reczero_jax import distributed
 from reczero_jax.mesh import make_mesh
 from reczero_jax.train.checkpoint import Checkpointer
 from tests import multiprocess_worker as worker
-from tests.test_sampling import tiny_model
+from tests.helpers import free_port, tiny_model, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
 
 
 def start_processes(out: Path, count: int, devices_each: int) -> list[subprocess.Popen]:
@@ -47,20 +40,6 @@ def start_processes(out: Path, count: int, devices_each: int) -> list[subprocess
         for index in range(count)]
 
 
-def wait_for(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Each worker's output, after asserting that it succeeded; kills stragglers."""
-    outputs = []
-    try:
-        for index, proc in enumerate(procs):
-            output, _ = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, f"process {index} failed:\n{output[-4000:]}"
-            outputs.append(output)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return outputs
 
 
 @pytest.mark.slow

@@ -22,12 +22,9 @@ from reczero_jax.config import load_config
 from reczero_jax.mesh import make_mesh
 from reczero_jax.train.checkpoint import Checkpointer
 from reczero_jax.train.loop import run
-from tests import fixtures_run
-from tests.test_multiprocess import free_port, wait_for
+from tests.helpers import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-small_ml100k = fixtures_run.small_ml100k
-tiny_model_dir = fixtures_run.tiny_model_dir
 
 # RecOne: one SFT step, then 2 GRPO steps with validation after the second. 3 of the 4 test
 # samples in batches of 4 (the batch is padded), 2 validation samples (padded too).

@@ -24,11 +24,6 @@ from reczero_jax.train.cli import register
 from reczero_jax.train.export import restore_model
 from reczero_jax.train.loop import rewind_logs, run
 from reczero_jax.train.step import Trainer
-from tests import fixtures_run
-
-# The shared fixtures, by name (pytest finds them as module attributes).
-small_ml100k = fixtures_run.small_ml100k
-tiny_model_dir = fixtures_run.tiny_model_dir
 
 # Wall-clock measurements differ between runs of the same computation.
 TIMINGS = ("time", "seconds", "rollout_seconds", "update_seconds", "latency_seconds",

@@ -14,7 +14,7 @@ from reczero_jax import sampling
 from reczero_jax.collectives import collective_bytes
 from reczero_jax.models import Decoder, ModelConfig
 from reczero_jax.sampling import compile_rollout, generate
-from tests.test_sampling import TINY, left_padded_prompts, tiny_model
+from tests.helpers import TINY, left_padded_prompts, tiny_model
 
 NEW_TOKENS = 6
 # 8 query and 4 kv heads: both divide the 4 chips of fsdp x tensor in (2, 4, 1) and (2, 2, 2);

@@ -5,38 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import NamedSharding
 
 from reczero_jax import mesh as meshlib
 from reczero_jax import sampling
-from reczero_jax.models import Decoder, ModelConfig
 from reczero_jax.policy import response_logprobs
 from reczero_jax.sampling import choose_tokens, generate
-
-TINY = ModelConfig(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64,
-                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True,
-                   eos_token_id=3)
-
-
-def tiny_model(seed=0, mesh=None, config=TINY):
-    # A larger init scale than HF's 0.02 so the distribution is far from uniform and
-    # differences between paths would show.
-    model = Decoder(config, rngs=nnx.Rngs(seed), mesh=mesh)
-    state = nnx.state(model)
-    scaled = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, scaled)
-    nnx.update(model, state)
-    return model
-
-
-def left_padded_prompts(batch=2, length=21, seed=0):
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(4, TINY.vocab_size, (batch, length))
-    mask = np.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, : 3 * row + 2] = 0
-    return ids, mask
+from tests.helpers import left_padded_prompts, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,11 @@ import transformers
 from reczero_jax.data.padding import left_pad
 from reczero_jax.models.hf import from_pretrained
 from reczero_jax.sampling import generate
+from tests.helpers import HF_TINY
 
 NEW_TOKENS = 20
 MIN_TOP2_GAP = 1e-3
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
-            bos_token_id=1, eos_token_id=2)
+TINY = {**HF_TINY, "vocab_size": 256, "num_hidden_layers": 2}
 TINY_CASES = {
     "qwen2": transformers.Qwen2Config(**TINY, tie_word_embeddings=False),
     "llama": transformers.LlamaConfig(**TINY, tie_word_embeddings=True),
@@ -45,7 +44,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
 
 
 def transformers_greedy(model, prompt: list[int], eos_ids: tuple[int, ...]):

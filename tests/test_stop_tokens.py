@@ -2,6 +2,7 @@
 (``models.stop_token_ids``); the sampler stops at them; save_pretrained writes them back in a
 generation_config.json that transformers reads."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -11,14 +12,13 @@ import pytest
 from flax import nnx
 from transformers import GenerationConfig
 
-from reczero_jax.models import Decoder, ModelConfig, from_pretrained, save_pretrained
+from reczero_jax.models import Decoder, from_pretrained, save_pretrained
 from reczero_jax.models.hf import read_config, stop_token_ids
 from reczero_jax.sampling import generate
+from tests import helpers
 
 CONFIG_EOS = 3  # config.json's one EOS id (A)
-TINY = ModelConfig(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64,
-                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, attention_bias=True,
-                   bos_token_id=1, eos_token_id=CONFIG_EOS)
+TINY = dataclasses.replace(helpers.TINY, bos_token_id=1, eos_token_id=CONFIG_EOS)
 PROMPT_IDS = np.arange(10, 30, dtype=np.int32).reshape(2, 10)
 PROMPT_MASK = np.ones_like(PROMPT_IDS)
 NEW_TOKENS = 12

@@ -20,7 +20,7 @@ from reczero_jax.models import from_pretrained
 from reczero_jax.models.hf import PARAM_TABLE
 from reczero_jax.policy import response_logprobs
 from reczero_jax.train.step import Rollout, Trainer
-from tests.test_hf import TINY, make_torch_model
+from tests.helpers import HF_TINY, make_torch_model
 
 B, G, P, R = 2, 3, 10, 7
 TOLERANCE = 1e-4
@@ -34,9 +34,9 @@ def make_batch(seed=0) -> dict[str, np.ndarray]:
     prompt_mask[1, :4] = 0  # the second prompt is 6 tokens, left padded
     lengths = np.array([[R, 3, 5], [1, R, 4]], np.int32)
     return dict(
-        prompt_ids=rng.integers(3, TINY["vocab_size"], (B, P)).astype(np.int32),
+        prompt_ids=rng.integers(3, HF_TINY["vocab_size"], (B, P)).astype(np.int32),
         prompt_mask=prompt_mask,
-        responses=rng.integers(3, TINY["vocab_size"], (B, G, R)).astype(np.int32),
+        responses=rng.integers(3, HF_TINY["vocab_size"], (B, G, R)).astype(np.int32),
         response_mask=(np.arange(R) < lengths[..., None]).astype(np.float32),
         advantages=rng.standard_normal((B, G)).astype(np.float32),
         lengths=lengths,

@@ -34,10 +34,6 @@ from reczero_jax.traces.rules import (
     WRONG_RATING,
     hint_text,
 )
-from tests import fixtures_run
-
-small_ml100k = fixtures_run.small_ml100k
-tiny_model_dir = fixtures_run.tiny_model_dir
 
 HINT_MARK = RATING_HINT.split("{rating}")[0].strip()  # "Hint: this user's true rating ... is"
 

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -14,44 +13,22 @@ from reczero_jax.models import Decoder
 from reczero_jax.policy import response_logits
 from reczero_jax.sampling import generate
 from reczero_jax.train import step
-from reczero_jax.train.step import Rollout, Trainer, rollout
-from tests.test_sampling import TINY, tiny_model
-
-B, G, P, R = 4, 2, 12, 6
-
-
-def fake_rollout(seed=0) -> Rollout:
-    rng = np.random.RandomState(seed)
-    prompt_ids = rng.randint(4, TINY.vocab_size, (B, P)).astype(np.int32)
-    prompt_mask = np.ones((B, P), np.int32)
-    prompt_mask[1, :4] = 0
-    responses = rng.randint(4, TINY.vocab_size, (B, G, R)).astype(np.int32)
-    lengths = rng.randint(1, R + 1, (B, G)).astype(np.int32)
-    mask = (np.arange(R) < lengths[..., None]).astype(np.float32)
-    rewards = rng.randn(B, G).astype(np.float32)
-    return jax.tree.map(jnp.asarray, Rollout(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, responses=responses, response_mask=mask,
-        old_logp=np.zeros((B, G, R), np.float32), rewards=rewards,
-        advantages=rewards - rewards.mean(1, keepdims=True), format_ok=np.ones((B, G), bool),
-        ratings=np.full((B, G), 3.0, np.float32), lengths=lengths))
+from reczero_jax.train.step import Trainer, rollout
+from tests.helpers import (
+    TINY,
+    B,
+    G,
+    R,
+    assert_same_loss_and_grads,
+    assert_trees_close,
+    fake_rollout,
+    tiny_model,
+)
 
 
 def loss_and_grads(mesh, optim=None, grpo_config=None):
     trainer = Trainer(tiny_model(mesh=mesh), mesh, optim or OptimConfig(), grpo_config)
     return trainer, trainer.grpo_loss_and_grads(fake_rollout())
-
-
-def assert_trees_close(a, b, atol):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol)
-
-
-def assert_same_loss_and_grads(result, reference, atol=1e-5):
-    (loss, grads), (ref_loss, ref_grads) = result, reference
-    # On-policy the loss value is ~0 (ratio 1, centred advantages); the gradient is not.
-    assert float(optax.tree.norm(ref_grads)) > 1e-2
-    np.testing.assert_allclose(loss, ref_loss, atol=atol)
-    assert_trees_close(grads, ref_grads, atol=atol)
 
 
 @pytest.fixture(scope="module")
