@@ -27,7 +27,7 @@ from reczero_jax import grpo
 from reczero_jax.config import GRPOConfig, OptimConfig, check_batch_split
 from reczero_jax.mesh import batch_sharding, logical_to_spec, mesh_axis_size, param_shardings
 from reczero_jax.models.decoder import Decoder
-from reczero_jax.policy import response_logits
+from reczero_jax.policy import TokenStats, response_hidden, sequence_hidden, token_stats
 from reczero_jax.sampling import generate
 
 
@@ -244,8 +244,8 @@ class Trainer:
         config = self.grpo_config
 
         def loss_terms(params, micro: Rollout):
-            logits = self._response_logits(params, micro)
-            logp = grpo.token_logprobs(logits, micro.responses, config.temperature)
+            stats = self._response_stats(params, micro)
+            logp = stats.logp
             flat = lambda x: x.reshape(-1, x.shape[-1])  # [b, G, R] -> [b*G, R]
             # One update per rollout (the paper's setting) is on-policy: the old policy is the
             # current one, so its log-probs are these under stop_gradient (ratio exactly 1).
@@ -258,25 +258,22 @@ class Trainer:
                 config.loss_agg, config.max_new_tokens)
             numerator = terms.numerator
             if config.kl_coef:
-                ref_logits = self._response_logits(ref_params, micro)
-                ref_logp = jax.lax.stop_gradient(
-                    grpo.token_logprobs(ref_logits, micro.responses, config.temperature))
+                ref_logp = jax.lax.stop_gradient(self._response_stats(ref_params, micro).logp)
                 kl = grpo.masked_aggregate(grpo.kl_penalty(flat(logp), flat(ref_logp),
                                                            config.kl_kind),
                                            flat(micro.response_mask), config.loss_agg,
                                            config.max_new_tokens)
                 numerator = numerator + config.kl_coef * kl.numerator
                 metrics["kl"] = kl.value
-            entropy = grpo.token_entropy(logits, config.temperature)
+            entropy = flat(stats.entropy)
             if config.entropy_coef:
                 # An entropy *bonus*: subtracting it from the loss rewards spread-out policies.
-                bonus = grpo.masked_aggregate(flat(entropy), flat(micro.response_mask),
+                bonus = grpo.masked_aggregate(entropy, flat(micro.response_mask),
                                               config.loss_agg, config.max_new_tokens)
                 numerator = numerator - config.entropy_coef * bonus.numerator
             # At the sampling temperature, as the bonus: the entropy of what was sampled.
-            metrics["entropy"] = grpo.entropy_from_logits(
-                jax.lax.stop_gradient(logits).reshape(-1, *logits.shape[2:]),
-                flat(micro.response_mask), config.temperature)
+            metrics["entropy"] = grpo.masked_mean(jax.lax.stop_gradient(entropy),
+                                                  flat(micro.response_mask))
             return grpo.LossTerms(numerator, terms.denominator), metrics
 
         return loss_terms
@@ -293,24 +290,29 @@ class Trainer:
         def loss_terms(params, micro):
             input_ids, attention_mask, loss_mask = micro
             model = nnx.merge(self.graphdef, params)
-            logits = model(input_ids, attention_mask=attention_mask)[:, :-1]
-            target_logp = grpo.token_logprobs(logits, input_ids[:, 1:])
+            hidden = sequence_hidden(model, input_ids, attention_mask)[:, :-1]
+            target_logp = token_stats(model, hidden, input_ids[:, 1:],
+                                      chunk=self.grpo_config.logprob_chunk).logp
             return grpo.sft_loss(target_logp, loss_mask[:, 1:]), {}
 
         return self._accumulated_update(params, opt_state, batch, loss_terms)
 
-    def _response_logits(self, params, micro: Rollout):
+    def _response_stats(self, params, micro: Rollout) -> TokenStats:
+        """Log-probs and entropies [b, G, R] of the responses at the sampling temperature,
+        through the LM head in chunks of ``grpo.logprob_chunk`` positions."""
+        config = self.grpo_config
         model = nnx.merge(self.graphdef, params)
-        return response_logits(model, micro.prompt_ids, micro.prompt_mask, micro.responses,
-                               shared_prompt=self.grpo_config.shared_prompt)
+        hidden = response_hidden(model, micro.prompt_ids, micro.prompt_mask, micro.responses,
+                                 shared_prompt=config.shared_prompt)
+        return token_stats(model, hidden, micro.responses, temperature=config.temperature,
+                           chunk=config.logprob_chunk)
 
     def _response_logprobs(self, params, batch: Rollout):
         """log pi(responses) [B, G, R] at the sampling temperature, one micro-batch at a time
         (the logits of a whole batch may not fit), and the max / mean |batch.old_logp - it|
         over response tokens."""
         def micro_logprobs(micro: Rollout):
-            return grpo.token_logprobs(self._response_logits(params, micro), micro.responses,
-                                       self.grpo_config.temperature)
+            return self._response_stats(params, micro).logp
 
         logp = jax.lax.map(micro_logprobs, self._micro_batches(batch))
         logp = logp.reshape(batch.responses.shape)
