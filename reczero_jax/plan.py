@@ -139,7 +139,7 @@ def parse_slice(name: str) -> TpuSlice:
 
 def _sampler_bucket(prompt_tokens: int) -> int:
     """The length ``sampling.generate`` pads prompts of ``prompt_tokens`` to."""
-    from reczero_jax.sampling import bucket_length
+    from reczero_jax.data.padding import bucket_length
 
     return bucket_length(prompt_tokens)
 

@@ -74,3 +74,43 @@ def test_chunked_sft_step_equals_unchunked():
     np.testing.assert_allclose(results[1][0], results[0][0], atol=EXACT)
     np.testing.assert_allclose(results[1][1], results[0][1], atol=EXACT)
     assert_trees_close(results[1][2], results[0][2], atol=EXACT)
+
+
+def _long_rollout(length=130, longest=60):
+    """fake_rollout's prompts with responses of ``length`` positions, the longest sample
+    ``longest`` tokens."""
+    base = fake_rollout()
+    rng = np.random.RandomState(1)
+    batch, group = base.lengths.shape
+    lengths = rng.randint(1, longest + 1, (batch, group)).astype(np.int32)
+    lengths[0, 0] = longest
+    responses = rng.randint(4, TINY.vocab_size, (batch, group, length)).astype(np.int32)
+    mask = (np.arange(length) < lengths[..., None]).astype(np.float32)
+    return base._replace(responses=jnp.asarray(responses), response_mask=jnp.asarray(mask),
+                         old_logp=jnp.zeros((batch, group, length)),
+                         lengths=jnp.asarray(lengths))
+
+
+def test_update_trimmed_to_the_generated_length_equals_the_untrimmed_one():
+    """130 positions, the longest response 60 tokens: the update runs over 64 with the same
+    loss and gradients; seq-mean-token-sum-norm still divides by max_new_tokens = 130."""
+    config = GRPOConfig(max_new_tokens=130, loss_agg="seq-mean-token-sum-norm",
+                        entropy_coef=0.01)
+    trainer = Trainer(tiny_model(), meshlib.make_mesh(1, 1, 1), OptimConfig(), config)
+    full = _long_rollout()
+    trimmed = trainer.trimmed(full)
+    assert trimmed.responses.shape[-1] == trimmed.response_mask.shape[-1] == 64
+    assert trimmed.old_logp.shape[-1] == 64
+    whole_loss, whole_grads = trainer.grpo_loss_and_grads(full)
+    loss, grads = trainer.grpo_loss_and_grads(trimmed)
+    assert abs(float(whole_loss)) > 0  # the entropy bonus makes it non-zero on-policy
+    np.testing.assert_allclose(loss, whole_loss, atol=EXACT)
+    assert_trees_close(grads, whole_grads, atol=EXACT)
+    # A batch already at its bucket is kept; grpo_step updates on the trimmed batch.
+    assert trainer.trimmed(trimmed) is trimmed
+    shapes = []
+    update = trainer.grpo_update
+    trainer.grpo_update = lambda p, o, batch, r: (shapes.append(batch.responses.shape)
+                                                  or update(p, o, batch, r))
+    trainer.grpo_step(full)
+    assert shapes == [(4, 2, 64)]

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reczero_jax import grpo
 from reczero_jax.config import GRPOConfig, OptimConfig, check_batch_split
+from reczero_jax.data.padding import RESPONSE_BUCKETS, bucket_length
 from reczero_jax.mesh import batch_sharding, logical_to_spec, mesh_axis_size, param_shardings
 from reczero_jax.models.decoder import Decoder
 from reczero_jax.policy import TokenStats, response_hidden, sequence_hidden, token_stats
@@ -47,6 +48,7 @@ class Rollout(NamedTuple):
 
 
 GIB = 2**30
+_longest = jax.jit(jnp.max)  # a replicated scalar, readable from every process
 
 
 def peak_bytes(report: dict[str, float]) -> float:
@@ -161,9 +163,26 @@ class Trainer:
         otherwise, e.g. replicated prompts."""
         return jax.device_put(batch, batch_sharding(self.mesh, batch))
 
+    def trimmed(self, rollout_batch: Rollout) -> Rollout:
+        """The rollout with its responses cut to the longest one's length rounded up to
+        ``padding.RESPONSE_BUCKETS`` (a few shapes, each compiled once): the positions cut
+        are masked out in every sample, so the loss and gradients are the same, at the cost
+        of what was generated rather than of ``grpo.max_new_tokens`` (which stays the
+        normaliser of ``seq-mean-token-sum-norm``)."""
+        length = rollout_batch.responses.shape[-1]
+        trimmed = min(length, bucket_length(max(int(_longest(rollout_batch.lengths)), 1),
+                                            RESPONSE_BUCKETS))
+        if trimmed == length:
+            return rollout_batch
+        return rollout_batch._replace(**{
+            name: getattr(rollout_batch, name)[..., :trimmed]
+            for name in ("responses", "response_mask", "old_logp")})
+
     def grpo_step(self, rollout_batch: Rollout) -> dict[str, Any]:
-        """One policy update on a scored rollout; returns host metrics."""
+        """One policy update on a scored rollout (``trimmed`` to what was generated); returns
+        host metrics."""
         self.check_batch(rollout_batch.responses.shape[0])
+        rollout_batch = self.trimmed(rollout_batch)
         self.params, self.opt_state, metrics = self.grpo_update(
             self.params, self.opt_state, self.place(rollout_batch), self.ref_params)
         return jax.device_get(metrics)
@@ -179,6 +198,7 @@ class Trainer:
         (``with_policy_logprobs``) and the gap to the sampler's is logged.
         """
         gap = {}
+        rollout_batch = self.trimmed(rollout_batch)
         if self.grpo_config.updates_per_rollout > 1:
             rollout_batch, gap = self.with_policy_logprobs(rollout_batch)
         for _ in range(self.grpo_config.updates_per_rollout):
