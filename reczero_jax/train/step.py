@@ -58,6 +58,12 @@ def peak_bytes(report: dict[str, float]) -> float:
             - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
 
 
+def _shapes_on(tree, shardings):
+    """ShapeDtypeStructs of ``tree`` 's leaves (arrays or structs) on ``shardings``."""
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
+        np.shape(leaf), leaf.dtype, sharding=sharding), tree, shardings)
+
+
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
@@ -106,25 +112,38 @@ class Trainer:
     non-zero), e.g. the policy GRPO starts from. The trainer keeps a frozen copy of its
     parameters in buffers of its own (``ref_params``): the updates donate the policy's, which
     may be the same arrays.
+
+    ``abstract``: ``model`` is abstract (``nnx.eval_shape``) and the trainer holds
+    ``jax.ShapeDtypeStruct`` s on their shardings instead of arrays: its updates lower and
+    compile (``memory_report``) without allocating anything (``reczero plan --compile``);
+    they cannot run.
     """
 
     def __init__(self, model: Decoder, mesh: Mesh, optim: OptimConfig, grpo_config: GRPOConfig
-                 | None = None, reference: Decoder | None = None):
+                 | None = None, reference: Decoder | None = None, *, abstract: bool = False):
         self.mesh = mesh
         self.optim = optim
         self.grpo_config = grpo_config or GRPOConfig()
+        self.abstract = abstract
         self.graphdef, params = nnx.split(model)
         self.param_sharding = param_shardings(params, mesh)
-        self.params = jax.device_put(params, self.param_sharding)
+        self.params = (_shapes_on(params, self.param_sharding) if abstract
+                       else jax.device_put(params, self.param_sharding))
         self.tx = make_optimizer(optim)
         # Moments take their parameter's sharding; scalars (step counts) are replicated.
         replicated = NamedSharding(mesh, PartitionSpec())
         self.opt_sharding = optax.tree_map_params(
             self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params),
             self.param_sharding, transform_non_params=lambda _: replicated)
-        self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.params)
+        if abstract:
+            self.opt_state = _shapes_on(jax.eval_shape(self.tx.init, self.params),
+                                        self.opt_sharding)
+        else:
+            self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.params)
         self.ref_params = None
-        if self.grpo_config.kl_coef:
+        if self.grpo_config.kl_coef and abstract:
+            self.ref_params = self.params  # the same shapes and shardings
+        elif self.grpo_config.kl_coef:
             if reference is None:
                 raise ValueError("grpo.kl_coef is non-zero: pass the reference policy "
                                  "(reference=, e.g. the initial policy)")
@@ -160,7 +179,9 @@ class Trainer:
     def place(self, batch):
         """A batch (a Rollout, or any pytree of [batch, ...] arrays) resharded to the updates'
         input shardings (batch over data x fsdp): the sampler's outputs may come out laid out
-        otherwise, e.g. replicated prompts."""
+        otherwise, e.g. replicated prompts. An abstract trainer places ShapeDtypeStructs."""
+        if self.abstract:
+            return _shapes_on(batch, batch_sharding(self.mesh, batch))
         return jax.device_put(batch, batch_sharding(self.mesh, batch))
 
     def trimmed(self, rollout_batch: Rollout) -> Rollout:
