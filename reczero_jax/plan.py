@@ -650,5 +650,6 @@ def _plan(args: argparse.Namespace) -> int:
         from reczero_jax.plan_compiled import compiled_update, format_compiled_update
 
         print(format_collectives(model_config, shape, tpu, compiled_rollout(model_config, shape)))
-        print(format_compiled_update(model_config, shape, compiled_update(model_config, shape)))
+        print(format_compiled_update(model_config, shape, tpu,
+                                     compiled_update(model_config, shape)))
     return 0

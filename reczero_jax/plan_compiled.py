@@ -15,7 +15,7 @@ smaller).
 
 from __future__ import annotations
 
-from reczero_jax.plan import GIB, RunShape, estimate, simulated_devices
+from reczero_jax.plan import GIB, USABLE_FRACTION, RunShape, TpuSlice, estimate, simulated_devices
 
 CPU_STAND_IN = {"splash": "blockwise", "cudnn": "blockwise"}  # kernels without a CPU build
 
@@ -73,9 +73,14 @@ def compiled_update(model_config, shape: RunShape) -> dict[str, float]:
     return trainer.memory_report(abstract_rollout(shape))
 
 
-def format_compiled_update(model_config, shape: RunShape, report: dict[str, float]) -> str:
-    """XLA's analysis of the update next to the formula's update phase, per chip."""
+def format_compiled_update(model_config, shape: RunShape, tpu: TpuSlice,
+                           report: dict[str, float]) -> str:
+    """XLA's analysis of the update next to the formula's update phase, per chip, and XLA's
+    verdict against the same budget as the formula's (90 % of HBM)."""
     formula = estimate(model_config, shape).total("update")
+    budget, peak = USABLE_FRACTION * tpu.hbm_bytes, report["peak_bytes"]
+    verdict = (f"FITS: {(budget - peak) / GIB:.1f} GiB headroom" if peak <= budget
+               else f"DOES NOT FIT: {(peak - budget) / GIB:.1f} GiB over")
     stand_in = CPU_STAND_IN.get(shape.attention)
     note = f" ({stand_in} standing in for {shape.attention})" if stand_in else ""
     return "\n".join([
@@ -86,6 +91,7 @@ def format_compiled_update(model_config, shape: RunShape, report: dict[str, floa
         f"{report['alias_size_in_bytes'] / GIB:.2f} + temporaries "
         f"{report['temp_size_in_bytes'] / GIB:.2f} = peak {report['peak_bytes'] / GIB:.2f} GiB; "
         f"formula {formula / GIB:.2f} GiB (formula / XLA = {formula / report['peak_bytes']:.2f})",
+        f"verdict (XLA, update): {verdict} of {budget / GIB:.1f} GiB usable",
     ])
 
 

@@ -279,7 +279,7 @@ def test_compile_reports_collectives_memory_and_time(tmp_path, capsys):
     for label in ("reshard (once per rollout)", "decode, per token", "update (ZeRO-3 formula)",
                   "decode HBM floor per token", "XLA memory analysis",
                   "GRPO update, XLA memory analysis per chip (simulated CPU mesh of 4 devices "
-                  "(blockwise standing in for splash)"):
+                  "(blockwise standing in for splash)", "verdict (XLA, update): FITS"):
         assert label in out, label
 
     small = ModelConfig.from_hf(config)
