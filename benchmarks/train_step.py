@@ -1,8 +1,13 @@
-"""The GRPO update step on CPU, three arms doing the same update on the same batch:
+"""The GRPO update step on CPU, arms doing the same update on the same batch:
 
 * ``shared``: ``Trainer.grpo_step`` with ``GRPOConfig(shared_prompt=True)``: each prompt runs
   once, its G responses attend to its keys and values;
 * ``naive``: the same step with ``shared_prompt=False`` (the prompt repeated G times);
+* ``materialized``, ``blockwise``: ``shared`` with that ``model.attention`` (``shared`` has
+  ``auto``: on CPU blockwise once the keys span more than one 512-key block);
+  ``blockwise+chunks``: blockwise and ``grpo.logprob_chunk=64`` (the LM head over 64 positions
+  at a time); for each jax arm also the compiled update's per-device peak (XLA's memory
+  analysis, ``Trainer.memory_report``);
 * ``torch``: ``reczero_jax.compare.torch_grpo_loss`` (the same loss in plain torch, prompt repeated G times)
   on the transformers model loaded from the same weights, then ``backward``,
   ``clip_grad_norm_(1.0)`` and ``torch.optim.AdamW`` (betas 0.9/0.999, weight decay 0.01).
@@ -66,7 +71,11 @@ from reczero_jax.models.config import ModelConfig
 
 DEFAULT_SHAPES = ("1024x128x8", "256x64x8", "1024x64x4")
 QUICK_SHAPES = ("64x16x4",)
-ARMS = ("shared", "naive", "torch")
+# jax arms: (shared prompt, model.attention, grpo.logprob_chunk)
+JAX_ARMS = {"shared": (True, "auto", 0), "naive": (False, "auto", 0),
+            "materialized": (True, "materialized", 0), "blockwise": (True, "blockwise", 0),
+            "blockwise+chunks": (True, "blockwise", 64)}
+ARMS = (*JAX_ARMS, "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,24 +149,28 @@ def as_rollout(batch: dict[str, np.ndarray]):
         ratings=np.full((b, g), 3.0, np.float32), lengths=batch["lengths"]))
 
 
-def jax_arm(model_dir: Path, shape: Shape, batch, shared: bool
-            ) -> tuple[Callable[[], object], Callable[[], float]]:
-    """(one update step, the gradient norm of the last step) for our trainer."""
+def jax_arm(model_dir: Path, shape: Shape, batch, arm: str
+            ) -> tuple[Callable[[], object], Callable[[], float], float]:
+    """(one update step, the gradient norm of the last step, the compiled update's peak bytes
+    per device) for our trainer."""
     from reczero_jax.config import GRPOConfig, OptimConfig
     from reczero_jax.mesh import single_device_mesh
     from reczero_jax.models import from_pretrained
     from reczero_jax.train.step import Trainer
 
+    shared, attention, chunk = JAX_ARMS[arm]
     config = GRPOConfig(group_size=shape.samples, max_new_tokens=shape.new_tokens,
-                        shared_prompt=shared)
-    trainer = Trainer(from_pretrained(model_dir), single_device_mesh(), OptimConfig(), config)
+                        shared_prompt=shared, logprob_chunk=chunk)
+    trainer = Trainer(from_pretrained(model_dir, attention=attention), single_device_mesh(),
+                      OptimConfig(), config)
     rollout_batch = as_rollout(batch)
+    peak = trainer.memory_report(trainer.trimmed(rollout_batch))["peak_bytes"]
     last = {}
 
     def step():
         last.update(trainer.grpo_step(rollout_batch))  # device_get: waits for the step
 
-    return step, lambda: float(last["grad_norm"])
+    return step, lambda: float(last["grad_norm"]), peak
 
 
 def torch_arm(model_dir: Path, batch) -> tuple[Callable[[], object], Callable[[], float]]:
@@ -188,18 +201,21 @@ class Result:
     timing: Timing
     flops: float
     grad_norm: float
+    peak_bytes: float | None
 
 
 def measure(arm: str, shape: Shape, model_dir: Path, config: ModelConfig,
             repeats: int) -> Result:
     batch = make_batch(shape, config.vocab_size)
+    peak = None
     if arm == "torch":
         step, grad_norm = torch_arm(model_dir, batch)
     else:
-        step, grad_norm = jax_arm(model_dir, shape, batch, shared=arm == "shared")
+        step, grad_norm, peak = jax_arm(model_dir, shape, batch, arm)
     # The first step is the warm-up: for jax it compiles; torch warms its allocator.
     timing = time_call(step, repeats=repeats)
-    return Result(shape, arm, timing, step_flops(config, shape, arm == "shared"), grad_norm())
+    shared = JAX_ARMS.get(arm, (False,))[0]
+    return Result(shape, arm, timing, step_flops(config, shape, shared), grad_norm(), peak)
 
 
 # ----------------------------------------------------------------------------- report
@@ -212,9 +228,11 @@ def results_table(results: list[Result], matmul_flops: float) -> str:
         rate = res.flops / seconds
         rows.append([str(res.shape), res.arm, f"{seconds:.3f}", f"{res.timing.compile_s:.1f}",
                      f"{res.flops / 1e9:.1f}", f"{rate / 1e9:.1f}",
-                     f"{100 * rate / matmul_flops:.0f}%", f"{res.grad_norm:.4g}"])
+                     f"{100 * rate / matmul_flops:.0f}%",
+                     "-" if res.peak_bytes is None else f"{res.peak_bytes / 2**30:.3f}",
+                     f"{res.grad_norm:.4g}"])
     return markdown_table(["shape", "arm", "warm s/step", "first-step extra s", "GFLOP/step",
-                           "GFLOP/s", "of matmul", "grad norm"], rows)
+                           "GFLOP/s", "of matmul", "peak GiB/device", "grad norm"], rows)
 
 
 def ratios_table(results: list[Result]) -> str:

@@ -78,6 +78,10 @@ class GRPOConfig:
     # cache) and in the update's forward. False repeats the prompt G times in both (the naive
     # reference the benchmarks compare against); the results are the same.
     shared_prompt: bool = True
+    # Positions per LM-head chunk in the update's log-probs and entropies (policy.token_stats):
+    # only [B, G, chunk, V] float32 logits live at once, recomputed in the backward. 0: all R
+    # positions at once. The same for SFT's loss.
+    logprob_chunk: int = 0
 
 
 @dataclasses.dataclass
@@ -201,6 +205,9 @@ def check_config(config: ExperimentConfig) -> None:
     SFT: ``sft.batch_size`` in one) over the data x fsdp mesh axes, and that
     ``train.final_policy=best_val`` has validations to choose from."""
     check_choices(config)
+    if config.grpo.logprob_chunk < 0:
+        raise ValueError(f"grpo.logprob_chunk={config.grpo.logprob_chunk} must be >= 0 "
+                         "(0: unchunked; e.g. 256 positions per chunk)")
     shards = config.mesh.data * config.mesh.fsdp
     if config.algorithm in ("reczero", "recone"):
         check_batch_split(config.train.prompts_per_step, config.optim.micro_batches, shards,

@@ -20,16 +20,27 @@ Update phase (``Trainer.grpo_update``: forward, backward, AdamW)
     activations, per layer and token (the residuals the backward pass reads):
         a   = c (4d + HD/t + 3I/t) + 4 (2d + (H + 2K) D/t)     norms' inputs and outputs, q k v
               (float32 in the attention), its output, the MLP's gate, up and their product
-        plus 8 (H/t) S per query token: the float32 attention scores and their softmax over
-              the S keys it sees (the attention is not fused: both are materialised)
-        one layer:  A = b P (a + 8 (H/t) P)  +  b G (R-1) (a + 8 (H/t) (P + R - 1))
+        plus what the attention implementation keeps (``attention_bytes``, model.attention;
+              ``auto`` on a TPU slice is splash), for n queries that each see S keys:
+              materialized  8 (H/t) n S: float32 scores and softmax, both materialised
+              blockwise     4 (H/t) n (D + 2): float32 output, running max and denominator
+              splash        (H/t) n (c D + 4) + the [prefix; self] keys and values,
+                            2 (sequences) S (K/t) D c
+        one layer:  A = b P a + attn(b, P queries, P keys)
+                      + b G (R-1) a + attn(b G, R-1 queries, P + R - 1 keys)
               (the prompt once, then the responses over prompt + own keys; ``policy.py``)
         without remat:  (L + 1) A             every layer's residuals + one layer's cotangents
         with remat:     L b (P + G (R-1)) d c + 2 A
               (each layer keeps only its input; the backward recomputes one layer at a time)
         + the prompt's keys and values for the responses: 2 L b P (K/t) D c
-    logits      = 3 x b G R (V/t) x 4 bytes: float32 logits, their softmax (log-prob and
-                  entropy) and its cotangent. With V = 152,064 this is often the largest term.
+        + one layer's transient attention buffers (blockwise: a few 512 x 512 float32 tiles
+              and the self mask in blocks, 1 byte per (query, own key))
+        P here is the prompt bucket: the pipeline pads prompts to the sampler's buckets.
+    logits      = 2 x b G R (V/t) x 4 bytes: float32 logits and their cotangent (XLA fuses the
+                  softmax into both; measured, see tests/test_plan.py). With V = 152,064 this
+                  is the largest term unless chunked.
+                  With grpo.logprob_chunk = C (``policy.token_stats``): R -> C, plus the
+                  hidden states the chunks are recomputed from, b G R d c.
 
 Rollout phase (``sampling.generate``; no micro-batches; the prompt padded to the sampler's
 bucket P_s). With fsdp > 1 the sampler works in the rollout layout (``mesh.rollout_rules``):
@@ -40,7 +51,8 @@ fsdp x tensor (the rules' fallbacks included); with fsdp = 1, b_r = B / n and a 
                   reshard on CPU, Qwen2.5-7B on 4 chips: 8.4 GiB of temporaries for W_r = 3.55)
     W_r         = sum over weights of (its rollout shard's elements) x c, in every rollout
                   phase (norm scales, a few kB, counted at c too)
-    prefill     = prompt cache + one layer's scores and softmax: 8 b_r (H/a) P_s^2
+    prefill     = prompt cache + one layer's attention: materialized 8 b_r (H/a) P_s^2 (scores
+                  and softmax); blockwise its tiles and mask; splash its residuals
     decode      = prompt cache 2 L b_r P_s (K/a) D c + response caches 2 L b_r G R (K/a) D c
                   + the step's float32 logits 3 b_r G (V/v) 4
 Evaluation is the rollout formula with G = 1, B = train.eval_batch_size and
@@ -139,7 +151,7 @@ def parse_slice(name: str) -> TpuSlice:
 
 def _sampler_bucket(prompt_tokens: int) -> int:
     """The length ``sampling.generate`` pads prompts of ``prompt_tokens`` to."""
-    from reczero_jax.sampling import bucket_length
+    from reczero_jax.data.padding import bucket_length
 
     return bucket_length(prompt_tokens)
 
@@ -163,6 +175,8 @@ class RunShape:
     data: int
     fsdp: int
     tensor: int
+    attention: str = "materialized"  # a concrete implementation (``planned_attention``)
+    logprob_chunk: int = 0  # grpo.logprob_chunk (0: the whole [B, G, R, V] logits)
 
     @property
     def devices(self) -> int:
@@ -180,7 +194,44 @@ class RunShape:
             reference_model=bool(config.grpo.kl_coef),
             eval_batch_size=config.train.eval_batch_size,
             eval_new_tokens=config.train.eval_max_new_tokens,
-            data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor)
+            data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor,
+            attention=planned_attention(config.model.attention),
+            logprob_chunk=config.grpo.logprob_chunk)
+
+
+def planned_attention(name: str) -> str:
+    """The implementation ``model.attention`` runs on a TPU slice (``auto`` -> splash,
+    ``models.attention.resolve`` on TPU)."""
+    return "splash" if name == "auto" else name
+
+
+ATTENTION_BLOCK = 512  # models.attention.BLOCK_Q = BLOCK_K (blockwise's tiles)
+
+
+def attention_bytes(attention: str, sequences: float, queries: int, keys: int,
+                    self_keys: int, heads: float, kv_heads: float, head_dim: int, c: int
+                    ) -> tuple[float, float]:
+    """(kept for the backward per layer, transient in one layer) bytes of one attention call:
+    ``sequences`` sequences of ``queries`` queries, each seeing ``keys`` keys of which
+    ``self_keys`` its own (the rest a shared prefix); n = sequences x queries query rows.
+
+        materialized: kept 8 H n keys (float32 scores and softmax)
+        blockwise:    kept 4 H n (D + 2) (float32 output, running max, denominator);
+                      transient: 8 float32 tiles of 512 x 512 per head and sequence (the
+                      backward's scores, weights and their cotangents), and the
+                      self mask re-laid out in blocks, 1 byte per (query, self key)
+        splash/cudnn: kept H n (c D + 4) (output, float32 log-sum-exp) and the concatenated
+                      [prefix; self] keys and values, 2 sequences keys K D c
+    """
+    rows = sequences * queries
+    if attention == "materialized":
+        return 8 * heads * rows * keys, 0.0
+    if attention == "blockwise":
+        tiles = 8 * 4 * sequences * min(queries, ATTENTION_BLOCK) * heads * min(
+            keys, ATTENTION_BLOCK)
+        return 4 * heads * (head_dim + 2) * rows, tiles + rows * self_keys
+    return (heads * (head_dim * c + 4) * rows + 2 * sequences * keys * kv_heads * head_dim * c,
+            0.0)
 
 
 PHASES = ("update", "reshard", "prefill", "decode", "eval prefill", "eval decode")
@@ -290,19 +341,34 @@ def estimate(model_config, shape: RunShape) -> Estimate:
     # Update phase: b prompts per chip per micro-batch, the prompt once, G responses of R-1
     # tokens (the first response token is predicted from the prompt's last position).
     b = shape.prompts_per_step / (shape.micro_batches * shards)
-    prompt, responses = shape.prompt_tokens, shape.new_tokens - 1
+    # The pipeline pads prompts to the sampler's bucket (data.padding.PROMPT_BUCKETS).
+    prompt, responses = shape.sample_prompt_tokens, shape.new_tokens - 1
     per_token = c * (4 * d + heads * head_dim + 3 * mlp) + 4 * (
         2 * d + (heads + 2 * kv_heads) * head_dim)
-    one_layer = (b * prompt * (per_token + 8 * heads * prompt)
-                 + b * group * responses * (per_token + 8 * heads * (prompt + responses)))
+    attend = functools.partial(attention_bytes, shape.attention, heads=heads,
+                               kv_heads=kv_heads, head_dim=head_dim, c=c)
+    prompt_kept, prompt_transient = attend(b, prompt, prompt, prompt)
+    response_kept, response_transient = attend(b * group, responses, prompt + responses,
+                                               responses)
+    one_layer = (b * prompt * per_token + prompt_kept
+                 + b * group * responses * per_token + response_kept)
     if shape.remat:
         activations = layers * b * (prompt + group * responses) * d * c + 2 * one_layer
     else:
         activations = (layers + 1) * one_layer
     activations += 2 * layers * b * prompt * kv_heads * head_dim * c
+    activations += prompt_transient + response_transient
     terms["gradients"] = {"update": params * (1 if shape.micro_batches == 1 else 2)}
-    terms[f"activations ({'remat' if shape.remat else 'no remat'})"] = {"update": activations}
-    terms["logits, float32 x 3"] = {"update": 3 * b * group * shape.new_tokens * vocab * 4}
+    terms[f"activations ({'remat' if shape.remat else 'no remat'}, {shape.attention})"] = {
+        "update": activations}
+    # The LM head's logits: all R positions, or one chunk of them at a time plus the hidden
+    # states the chunks' backward recomputes them from (policy.token_stats).
+    positions = shape.new_tokens
+    logits = 2 * b * group * positions * vocab * 4
+    if 0 < shape.logprob_chunk < positions:
+        logits = (2 * b * group * shape.logprob_chunk * vocab * 4
+                  + b * group * positions * d * c)
+    terms["logits, float32 x 2"] = {"update": logits}
 
     # Sampling: no micro-batches; the sampler pads prompts to its own bucket and, with fsdp > 1,
     # works on its rollout copy of the weights.
@@ -320,12 +386,14 @@ def estimate(model_config, shape: RunShape) -> Estimate:
         rows, length = prompts / sampler.batch_shards, shape.sample_prompt_tokens
         prompt_cache.update({prefix + "prefill": cache_per_token * rows * length,
                              prefix + "decode": cache_per_token * rows * length})
-        scores[prefix + "prefill"] = 8 * rows * heads * length**2
+        scores[prefix + "prefill"] = sum(attention_bytes(
+            shape.attention, rows, length, length, length, heads, cfg.num_kv_heads
+            / sampler.attention_shards, head_dim, c))
         response_cache[prefix + "decode"] = cache_per_token * rows * samples * new_tokens
         step_logits[prefix + "decode"] = (3 * rows * samples * cfg.vocab_size
                                           / sampler.vocab_shards * 4)
     terms["prompt KV cache"] = prompt_cache
-    terms["prefill scores + softmax (one layer)"] = scores
+    terms["prefill attention (one layer)"] = scores
     terms["response KV caches"] = response_cache
     terms["decode step logits"] = step_logits
     return Estimate({name: {phase: value * scale.get(name, 1.0) for phase, value in
@@ -346,6 +414,10 @@ def knob_changes(shape: RunShape) -> list[tuple[str, dict]]:
         micro *= 2
     if not shape.remat:
         changes.append(("model.remat=true", {"remat": True}))
+    if shape.attention == "materialized":
+        changes.append(("model.attention=splash", {"attention": "splash"}))
+    if not 0 < shape.logprob_chunk <= 64:
+        changes.append(("grpo.logprob_chunk=64", {"logprob_chunk": 64}))
     for tokens in (shape.new_tokens // 2, shape.new_tokens // 4):
         if tokens >= 64:
             changes.append((f"grpo.max_new_tokens={tokens}", {"new_tokens": tokens}))
@@ -560,9 +632,10 @@ def register(subparsers) -> None:
     plan.add_argument("--model-config", help="a config.json file or a preset "
                       f"({', '.join(PRESETS)}), when model.path is not on this machine")
     plan.add_argument("--compile", action="store_true",
-                      help="also compile the sampler's programs on a simulated CPU mesh of the "
-                           "slice's chips: collective bytes and time per step, XLA's memory "
-                           "analysis (minutes for a 7B model; nothing is allocated)")
+                      help="also compile the sampler's programs and the GRPO update on a "
+                           "simulated CPU mesh of the slice's chips: collective bytes and time "
+                           "per step, XLA's memory analysis next to the formula's (minutes for "
+                           "a 7B model; nothing is allocated)")
     plan.set_defaults(func=_plan)
 
 
@@ -574,5 +647,9 @@ def _plan(args: argparse.Namespace) -> int:
     shape, tpu = RunShape.from_config(config), parse_slice(args.tpu_slice)
     print(format_plan(model_config, source, shape, tpu))
     if args.compile:
+        from reczero_jax.plan_compiled import compiled_update, format_compiled_update
+
         print(format_collectives(model_config, shape, tpu, compiled_rollout(model_config, shape)))
+        print(format_compiled_update(model_config, shape, tpu,
+                                     compiled_update(model_config, shape)))
     return 0

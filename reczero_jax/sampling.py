@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from reczero_jax.data.padding import PROMPT_BUCKETS, bucket_length
 from reczero_jax.mesh import (
     batch_sharding,
     batch_spec,
@@ -54,8 +55,6 @@ from reczero_jax.models.decoder import (
 )
 from reczero_jax.models.hf import stop_token_ids
 
-PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
-
 
 class SampleOutput(NamedTuple):
     """tokens, logprobs: [B, G, R] (pad id / 0.0 after a sample ends); lengths: [B, G]
@@ -65,14 +64,6 @@ class SampleOutput(NamedTuple):
     logprobs: jax.Array
     lengths: jax.Array
     finished_by_eos: jax.Array
-
-
-def bucket_length(length: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
-    """Smallest bucket >= length; beyond the largest, the next multiple of it."""
-    for bucket in buckets:
-        if length <= bucket:
-            return bucket
-    return -(-length // buckets[-1]) * buckets[-1]
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:

@@ -14,7 +14,7 @@ def test_quick_run_reports_every_arm_and_the_ratios(tmp_path):
     shape = "P=8 R=4 G=2 B=1"
     grad_norms = {}
     for arm in train_step.ARMS:
-        row = re.search(rf"^\| {shape} \| {arm} \|(.*)\|$", report, re.MULTILINE)
+        row = re.search(rf"^\| {shape} \| {re.escape(arm)} \|(.*)\|$", report, re.MULTILINE)
         assert row, f"no {arm} row in:\n{report}"
         grad_norms[arm] = float(row.group(1).split("|")[-1])
     # The three arms take the same step: their gradient norms agree.

@@ -7,6 +7,7 @@ from reczero_jax import prompts
 from reczero_jax.data.padding import left_pad
 from reczero_jax.data.pipeline import (
     bucket_for,
+    bucket_length,
     length_buckets,
     make_pipeline,
     prompt_length_stats,
@@ -129,7 +130,7 @@ def test_last_short_batch_kept_with_valid_mask(records, smollm2_tokenizer):
 
 def test_over_budget_prompts_are_trimmed_into_the_last_bucket(records, smollm2_tokenizer):
     batch = next(iter(pipeline(records, smollm2_tokenizer, max_prompt_tokens=700)))
-    assert batch["prompt_ids"].shape[1] == 700
+    assert batch["prompt_ids"].shape[1] == bucket_length(700) == 768  # the sampler's bucket
     assert batch["trimmed"].all() and (batch["prompt_mask"].sum(1) <= 700).all()
 
 
@@ -155,8 +156,11 @@ def test_pipeline_arguments_are_checked(records, smollm2_tokenizer):
 
 
 def test_buckets_and_left_pad():
-    assert length_buckets(6000) == (256, 512, 1024, 2048, 4096, 6000)
-    assert length_buckets(512) == (256, 512)
+    assert length_buckets(6000) == (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144)
+    assert length_buckets(512) == (256, 384, 512)
+    # The sampler keeps a pipeline batch's length: prompts are padded once.
+    for max_prompt_tokens in (300, 3000, 6000):
+        assert all(bucket_length(b) == b for b in length_buckets(max_prompt_tokens))
     assert bucket_for(257, (256, 512)) == 512 and bucket_for(256, (256, 512)) == 256
     with pytest.raises(ValueError, match="longer than the largest bucket"):
         bucket_for(513, (256, 512))

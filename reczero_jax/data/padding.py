@@ -2,7 +2,11 @@
 
 The one home of padding for every consumer: the rollout pipeline (prompts, left-padded so that
 generation continues at the right edge), SFT batches (prompt + response, right-padded), the
-teacher and ``reczero compare``. Depends on numpy alone.
+teacher and ``reczero compare``; and of the padded lengths (buckets) that keep the number of
+compiled shapes small: ``PROMPT_BUCKETS``, shared by the data pipeline and the sampler so a
+prompt is padded once (a pipeline batch's length is a bucket, which the sampler keeps), and
+``RESPONSE_BUCKETS``, the lengths the GRPO update trims a rollout's responses to. Depends on
+numpy alone.
 """
 
 from __future__ import annotations
@@ -10,6 +14,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+# 2^k and 3 2^(k-1): two shapes per octave, at most 1/3 padding beyond the longest row
+# (6,000 tokens -> 6,144; 3,000 -> 3,072).
+PROMPT_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
+                  8192)
+# One update compile per power of two up to grpo.max_new_tokens.
+RESPONSE_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def bucket_length(length: int, buckets: Sequence[int] = PROMPT_BUCKETS) -> int:
+    """Smallest bucket >= length; beyond the largest, the next multiple of it."""
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    return -(-length // buckets[-1]) * buckets[-1]
 
 
 def _padded(rows: Sequence[Sequence[int]], length: int, pad_id: int, left: bool):

@@ -35,20 +35,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from reczero_jax import prompts
-from reczero_jax.data.padding import default_pad_id, left_pad
+from reczero_jax.data.padding import PROMPT_BUCKETS, bucket_length, default_pad_id, left_pad
 
 
 def length_buckets(max_prompt_tokens: int, smallest: int = 256) -> tuple[int, ...]:
-    """Padded lengths: ``smallest``, doubling while below ``max_prompt_tokens``, then
-    ``max_prompt_tokens`` itself; e.g. 6000 -> (256, 512, 1024, 2048, 4096, 6000)."""
+    """Padded lengths: ``padding.PROMPT_BUCKETS`` from ``smallest`` up to the first that holds
+    ``max_prompt_tokens``, the sampler's buckets, so it keeps a batch's length as it is; e.g.
+    6000 -> (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144)."""
     if max_prompt_tokens < 1 or smallest < 1:
         raise ValueError("max_prompt_tokens and smallest must be positive")
-    buckets = []
-    length = smallest
-    while length < max_prompt_tokens:
-        buckets.append(length)
-        length *= 2
-    return (*buckets, max_prompt_tokens)
+    largest = bucket_length(max_prompt_tokens)
+    return (*(b for b in PROMPT_BUCKETS if smallest <= b < largest), largest)
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:

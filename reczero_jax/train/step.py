@@ -25,9 +25,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from reczero_jax import grpo
 from reczero_jax.config import GRPOConfig, OptimConfig, check_batch_split
+from reczero_jax.data.padding import RESPONSE_BUCKETS, bucket_length
 from reczero_jax.mesh import batch_sharding, logical_to_spec, mesh_axis_size, param_shardings
 from reczero_jax.models.decoder import Decoder
-from reczero_jax.policy import response_logits
+from reczero_jax.policy import TokenStats, response_hidden, sequence_hidden, token_stats
 from reczero_jax.sampling import generate
 
 
@@ -47,6 +48,7 @@ class Rollout(NamedTuple):
 
 
 GIB = 2**30
+_longest = jax.jit(jnp.max)  # a replicated scalar, readable from every process
 
 
 def peak_bytes(report: dict[str, float]) -> float:
@@ -54,6 +56,12 @@ def peak_bytes(report: dict[str, float]) -> float:
     arguments + outputs - aliased (donated inputs reused as outputs) + temporaries."""
     return (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
             - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
+
+
+def _shapes_on(tree, shardings):
+    """ShapeDtypeStructs of ``tree`` 's leaves (arrays or structs) on ``shardings``."""
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
+        np.shape(leaf), leaf.dtype, sharding=sharding), tree, shardings)
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
@@ -104,25 +112,38 @@ class Trainer:
     non-zero), e.g. the policy GRPO starts from. The trainer keeps a frozen copy of its
     parameters in buffers of its own (``ref_params``): the updates donate the policy's, which
     may be the same arrays.
+
+    ``abstract``: ``model`` is abstract (``nnx.eval_shape``) and the trainer holds
+    ``jax.ShapeDtypeStruct`` s on their shardings instead of arrays: its updates lower and
+    compile (``memory_report``) without allocating anything (``reczero plan --compile``);
+    they cannot run.
     """
 
     def __init__(self, model: Decoder, mesh: Mesh, optim: OptimConfig, grpo_config: GRPOConfig
-                 | None = None, reference: Decoder | None = None):
+                 | None = None, reference: Decoder | None = None, *, abstract: bool = False):
         self.mesh = mesh
         self.optim = optim
         self.grpo_config = grpo_config or GRPOConfig()
+        self.abstract = abstract
         self.graphdef, params = nnx.split(model)
         self.param_sharding = param_shardings(params, mesh)
-        self.params = jax.device_put(params, self.param_sharding)
+        self.params = (_shapes_on(params, self.param_sharding) if abstract
+                       else jax.device_put(params, self.param_sharding))
         self.tx = make_optimizer(optim)
         # Moments take their parameter's sharding; scalars (step counts) are replicated.
         replicated = NamedSharding(mesh, PartitionSpec())
         self.opt_sharding = optax.tree_map_params(
             self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params),
             self.param_sharding, transform_non_params=lambda _: replicated)
-        self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.params)
+        if abstract:
+            self.opt_state = _shapes_on(jax.eval_shape(self.tx.init, self.params),
+                                        self.opt_sharding)
+        else:
+            self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.params)
         self.ref_params = None
-        if self.grpo_config.kl_coef:
+        if self.grpo_config.kl_coef and abstract:
+            self.ref_params = self.params  # the same shapes and shardings
+        elif self.grpo_config.kl_coef:
             if reference is None:
                 raise ValueError("grpo.kl_coef is non-zero: pass the reference policy "
                                  "(reference=, e.g. the initial policy)")
@@ -158,12 +179,31 @@ class Trainer:
     def place(self, batch):
         """A batch (a Rollout, or any pytree of [batch, ...] arrays) resharded to the updates'
         input shardings (batch over data x fsdp): the sampler's outputs may come out laid out
-        otherwise, e.g. replicated prompts."""
+        otherwise, e.g. replicated prompts. An abstract trainer places ShapeDtypeStructs."""
+        if self.abstract:
+            return _shapes_on(batch, batch_sharding(self.mesh, batch))
         return jax.device_put(batch, batch_sharding(self.mesh, batch))
 
+    def trimmed(self, rollout_batch: Rollout) -> Rollout:
+        """The rollout with its responses cut to the longest one's length rounded up to
+        ``padding.RESPONSE_BUCKETS`` (a few shapes, each compiled once): the positions cut
+        are masked out in every sample, so the loss and gradients are the same, at the cost
+        of what was generated rather than of ``grpo.max_new_tokens`` (which stays the
+        normaliser of ``seq-mean-token-sum-norm``)."""
+        length = rollout_batch.responses.shape[-1]
+        trimmed = min(length, bucket_length(max(int(_longest(rollout_batch.lengths)), 1),
+                                            RESPONSE_BUCKETS))
+        if trimmed == length:
+            return rollout_batch
+        return rollout_batch._replace(**{
+            name: getattr(rollout_batch, name)[..., :trimmed]
+            for name in ("responses", "response_mask", "old_logp")})
+
     def grpo_step(self, rollout_batch: Rollout) -> dict[str, Any]:
-        """One policy update on a scored rollout; returns host metrics."""
+        """One policy update on a scored rollout (``trimmed`` to what was generated); returns
+        host metrics."""
         self.check_batch(rollout_batch.responses.shape[0])
+        rollout_batch = self.trimmed(rollout_batch)
         self.params, self.opt_state, metrics = self.grpo_update(
             self.params, self.opt_state, self.place(rollout_batch), self.ref_params)
         return jax.device_get(metrics)
@@ -179,6 +219,7 @@ class Trainer:
         (``with_policy_logprobs``) and the gap to the sampler's is logged.
         """
         gap = {}
+        rollout_batch = self.trimmed(rollout_batch)
         if self.grpo_config.updates_per_rollout > 1:
             rollout_batch, gap = self.with_policy_logprobs(rollout_batch)
         for _ in range(self.grpo_config.updates_per_rollout):
@@ -244,8 +285,8 @@ class Trainer:
         config = self.grpo_config
 
         def loss_terms(params, micro: Rollout):
-            logits = self._response_logits(params, micro)
-            logp = grpo.token_logprobs(logits, micro.responses, config.temperature)
+            stats = self._response_stats(params, micro)
+            logp = stats.logp
             flat = lambda x: x.reshape(-1, x.shape[-1])  # [b, G, R] -> [b*G, R]
             # One update per rollout (the paper's setting) is on-policy: the old policy is the
             # current one, so its log-probs are these under stop_gradient (ratio exactly 1).
@@ -258,25 +299,22 @@ class Trainer:
                 config.loss_agg, config.max_new_tokens)
             numerator = terms.numerator
             if config.kl_coef:
-                ref_logits = self._response_logits(ref_params, micro)
-                ref_logp = jax.lax.stop_gradient(
-                    grpo.token_logprobs(ref_logits, micro.responses, config.temperature))
+                ref_logp = jax.lax.stop_gradient(self._response_stats(ref_params, micro).logp)
                 kl = grpo.masked_aggregate(grpo.kl_penalty(flat(logp), flat(ref_logp),
                                                            config.kl_kind),
                                            flat(micro.response_mask), config.loss_agg,
                                            config.max_new_tokens)
                 numerator = numerator + config.kl_coef * kl.numerator
                 metrics["kl"] = kl.value
-            entropy = grpo.token_entropy(logits, config.temperature)
+            entropy = flat(stats.entropy)
             if config.entropy_coef:
                 # An entropy *bonus*: subtracting it from the loss rewards spread-out policies.
-                bonus = grpo.masked_aggregate(flat(entropy), flat(micro.response_mask),
+                bonus = grpo.masked_aggregate(entropy, flat(micro.response_mask),
                                               config.loss_agg, config.max_new_tokens)
                 numerator = numerator - config.entropy_coef * bonus.numerator
             # At the sampling temperature, as the bonus: the entropy of what was sampled.
-            metrics["entropy"] = grpo.entropy_from_logits(
-                jax.lax.stop_gradient(logits).reshape(-1, *logits.shape[2:]),
-                flat(micro.response_mask), config.temperature)
+            metrics["entropy"] = grpo.masked_mean(jax.lax.stop_gradient(entropy),
+                                                  flat(micro.response_mask))
             return grpo.LossTerms(numerator, terms.denominator), metrics
 
         return loss_terms
@@ -293,24 +331,29 @@ class Trainer:
         def loss_terms(params, micro):
             input_ids, attention_mask, loss_mask = micro
             model = nnx.merge(self.graphdef, params)
-            logits = model(input_ids, attention_mask=attention_mask)[:, :-1]
-            target_logp = grpo.token_logprobs(logits, input_ids[:, 1:])
+            hidden = sequence_hidden(model, input_ids, attention_mask)[:, :-1]
+            target_logp = token_stats(model, hidden, input_ids[:, 1:],
+                                      chunk=self.grpo_config.logprob_chunk).logp
             return grpo.sft_loss(target_logp, loss_mask[:, 1:]), {}
 
         return self._accumulated_update(params, opt_state, batch, loss_terms)
 
-    def _response_logits(self, params, micro: Rollout):
+    def _response_stats(self, params, micro: Rollout) -> TokenStats:
+        """Log-probs and entropies [b, G, R] of the responses at the sampling temperature,
+        through the LM head in chunks of ``grpo.logprob_chunk`` positions."""
+        config = self.grpo_config
         model = nnx.merge(self.graphdef, params)
-        return response_logits(model, micro.prompt_ids, micro.prompt_mask, micro.responses,
-                               shared_prompt=self.grpo_config.shared_prompt)
+        hidden = response_hidden(model, micro.prompt_ids, micro.prompt_mask, micro.responses,
+                                 shared_prompt=config.shared_prompt)
+        return token_stats(model, hidden, micro.responses, temperature=config.temperature,
+                           chunk=config.logprob_chunk)
 
     def _response_logprobs(self, params, batch: Rollout):
         """log pi(responses) [B, G, R] at the sampling temperature, one micro-batch at a time
         (the logits of a whole batch may not fit), and the max / mean |batch.old_logp - it|
         over response tokens."""
         def micro_logprobs(micro: Rollout):
-            return grpo.token_logprobs(self._response_logits(params, micro), micro.responses,
-                                       self.grpo_config.temperature)
+            return self._response_stats(params, micro).logp
 
         logp = jax.lax.map(micro_logprobs, self._micro_batches(batch))
         logp = logp.reshape(batch.responses.shape)
