@@ -52,7 +52,6 @@ from reczero_jax.models.decoder import (
     causal_mask,
     positions_from_mask,
 )
-from reczero_jax.lora import has_lora, merge_lora
 from reczero_jax.models.hf import stop_token_ids
 
 PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -246,21 +245,12 @@ def rollout_model(model: Decoder) -> Decoder:
     """The model's rollout copy: the same module with its parameters cast to the compute dtype
     (norm scales keep theirs: ``rms_norm`` reads them in float32) and placed by
     ``mesh.rollout_rules``, in one jitted device-to-device transfer (``_resharder``), and its
-    activation constraints following those rules. LoRA adapters are merged into the weights
-    in that same program (``lora.merge_lora``): the copy is a plain decoder. The training
-    parameters are untouched; the copy is freed when the caller drops it."""
+    activation constraints following those rules. The training parameters are untouched; the
+    copy is freed when the caller drops it."""
     graphdef, state = nnx.split(model)
-    merge, target_graphdef, target_state = _rollout_target(model)
-    shardings, dtypes = _rollout_placement(model, target_state)
-    arrays = _resharder(shardings, dtypes, graphdef if merge else None)(state)
-    return _with_rollout_rules(model, target_graphdef, target_state, arrays)
-
-
-def _rollout_target(model: Decoder):
-    """(whether adapters get merged, graphdef, abstract state) of the rollout copy's module."""
-    merge = has_lora(model)
-    target = nnx.eval_shape(lambda: merge_lora(model)) if merge else model
-    return (merge, *nnx.split(target))
+    shardings, dtypes = _rollout_placement(model, state)
+    arrays = _resharder(shardings, dtypes)(jax.tree.leaves(state))
+    return _with_rollout_rules(model, graphdef, state, arrays)
 
 
 def _rollout_placement(model: Decoder, state) -> tuple[tuple, tuple]:
@@ -280,17 +270,11 @@ def _with_rollout_rules(model: Decoder, graphdef, state, leaves) -> Decoder:
 
 
 @functools.lru_cache(maxsize=8)
-def _resharder(shardings: tuple, dtypes: tuple, lora_graphdef=None):
+def _resharder(shardings: tuple, dtypes: tuple):
     """One jitted program per (layout, dtypes): cast every leaf, place it by ``shardings``
-    (``out_shardings``: XLA moves the shards between devices; nothing goes through the host).
-    With ``lora_graphdef`` (a model with adapters) the input is its state, whose adapters
-    are first merged into the weights."""
-    def reshard(state):
-        if lora_graphdef is not None:
-            state = nnx.state(merge_lora(nnx.merge(lora_graphdef, state)))
-        return [x.astype(d) for x, d in zip(jax.tree.leaves(state), dtypes, strict=True)]
-
-    return jax.jit(reshard, out_shardings=list(shardings))
+    (``out_shardings``: XLA moves the shards between devices; nothing goes through the host)."""
+    return jax.jit(lambda leaves: [x.astype(d) for x, d in zip(leaves, dtypes, strict=True)],
+                   out_shardings=list(shardings))
 
 
 def compile_rollout(model: Decoder, *, batch: int, prompt_length: int, num_samples: int,
@@ -320,12 +304,10 @@ def compile_rollout(model: Decoder, *, batch: int, prompt_length: int, num_sampl
     programs = {}
     sampler_leaves = training
     if use_rollout_layout(model, rollout_layout):
-        merge, target_graphdef, target_state = _rollout_target(model)
-        shardings, dtypes = _rollout_placement(model, target_state)
-        programs["reshard"] = _resharder(shardings, dtypes, graphdef if merge else None).lower(
-            jax.tree.unflatten(jax.tree.structure(state), training)).compile()
-        sampler_leaves = abstract(jax.tree.leaves(target_state), shardings, dtypes)
-        model = _with_rollout_rules(model, target_graphdef, target_state, sampler_leaves)
+        shardings, dtypes = _rollout_placement(model, state)
+        programs["reshard"] = _resharder(shardings, dtypes).lower(training).compile()
+        sampler_leaves = abstract(leaves, shardings, dtypes)
+        model = _with_rollout_rules(model, graphdef, state, sampler_leaves)
         graphdef, state = nnx.split(model)
     state = jax.tree.unflatten(jax.tree.structure(state), sampler_leaves)
     rows = batch * (1 if shared_prompt else num_samples)
