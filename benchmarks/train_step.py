@@ -3,6 +3,8 @@
 * ``shared``: ``Trainer.grpo_step`` with ``GRPOConfig(shared_prompt=True)``: each prompt runs
   once, its G responses attend to its keys and values;
 * ``naive``: the same step with ``shared_prompt=False`` (the prompt repeated G times);
+* ``lora``: the ``shared`` step with LoRA (``reczero_jax.lora``: rank 16, alpha 32, on all
+  seven projections) training the adapters alone, the base frozen (fp32 here);
 * ``torch``: ``reczero_jax.compare.torch_grpo_loss`` (the same loss in plain torch, prompt repeated G times)
   on the transformers model loaded from the same weights, then ``backward``,
   ``clip_grad_norm_(1.0)`` and ``torch.optim.AdamW`` (betas 0.9/0.999, weight decay 0.01).
@@ -28,6 +30,11 @@ the factor 6 = forward 2 + backward 4 FLOPs per weight and token):
 * keys, the (query, key) pairs of causal attention (QK^T and AV, 4 FLOPs forward per pair
   and head dim): ``shared`` B (P (P + 1) / 2 + G sum_{j=1}^{R-1} (P + j)); the others
   B G (P + R) (P + R + 1) / 2.
+
+``lora`` is charged 4 instead of 6 per frozen weight and token (no weight gradient; the
+adapters' own r (IN + OUT) per target are left out). The jax arms also report the compiled
+step's per-device peak bytes (``Trainer.memory_report``: arguments + outputs - donated +
+temporaries), and two tables put LoRA beside full fine-tuning (``shared``).
 
 So each arm is charged for the work it really does; the achieved rate over the warm step
 time is divided by the fp32 matmul ceiling measured in this run (``benchmarks.common``).
@@ -66,7 +73,8 @@ from reczero_jax.models.config import ModelConfig
 
 DEFAULT_SHAPES = ("1024x128x8", "256x64x8", "1024x64x4")
 QUICK_SHAPES = ("64x16x4",)
-ARMS = ("shared", "naive", "torch")
+ARMS = ("shared", "naive", "lora", "torch")
+LORA_RANK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +100,9 @@ QUICK_SIZE = DecoderSize(layers=2, hidden=64, heads=4, kv_heads=2, mlp=128, voca
 # ----------------------------------------------------------------------------- work model
 
 
-def step_flops(config: ModelConfig, shape: Shape, shared: bool) -> float:
-    """Model FLOPs of one training step (formula in the module docstring)."""
+def step_flops(config: ModelConfig, shape: Shape, shared: bool, frozen: bool = False) -> float:
+    """Model FLOPs of one training step (formula in the module docstring); ``frozen``: the
+    weights get no gradient (LoRA's base), 4 FLOPs per weight and token instead of 6."""
     head = config.hidden_size * config.vocab_size
     blocks = matmul_weights(config) - head
     per_key = 12 * config.num_layers * config.num_heads * config.head_dim
@@ -104,7 +113,8 @@ def step_flops(config: ModelConfig, shape: Shape, shared: bool) -> float:
     else:
         block_tokens = b * g * (p + r)
         keys = b * g * (p + r) * (p + r + 1) / 2
-    return float(6 * blocks * block_tokens + 6 * head * b * g * r + per_key * keys)
+    per_weight = 4 if frozen else 6
+    return float(per_weight * (blocks * block_tokens + head * b * g * r) + per_key * keys)
 
 
 # ----------------------------------------------------------------------------- batch and arms
@@ -140,24 +150,30 @@ def as_rollout(batch: dict[str, np.ndarray]):
         ratings=np.full((b, g), 3.0, np.float32), lengths=batch["lengths"]))
 
 
-def jax_arm(model_dir: Path, shape: Shape, batch, shared: bool
-            ) -> tuple[Callable[[], object], Callable[[], float]]:
-    """(one update step, the gradient norm of the last step) for our trainer."""
+def jax_arm(model_dir: Path, shape: Shape, batch, shared: bool, lora: bool = False
+            ) -> tuple[Callable[[], object], Callable[[], float], Callable[[], float]]:
+    """(one update step, the gradient norm of the last step, the compiled step's per-device
+    peak bytes) for our trainer; ``lora``: adapters of rank ``LORA_RANK`` on every target."""
     from reczero_jax.config import GRPOConfig, OptimConfig
+    from reczero_jax.lora import add_lora
     from reczero_jax.mesh import single_device_mesh
     from reczero_jax.models import from_pretrained
     from reczero_jax.train.step import Trainer
 
     config = GRPOConfig(group_size=shape.samples, max_new_tokens=shape.new_tokens,
                         shared_prompt=shared)
-    trainer = Trainer(from_pretrained(model_dir), single_device_mesh(), OptimConfig(), config)
+    model = from_pretrained(model_dir)
+    if lora:
+        add_lora(model, rank=LORA_RANK, alpha=2.0 * LORA_RANK)
+    trainer = Trainer(model, single_device_mesh(), OptimConfig(), config)
     rollout_batch = as_rollout(batch)
     last = {}
 
     def step():
         last.update(trainer.grpo_step(rollout_batch))  # device_get: waits for the step
 
-    return step, lambda: float(last["grad_norm"])
+    return (step, lambda: float(last["grad_norm"]),
+            lambda: trainer.memory_report(rollout_batch)["peak_bytes"])
 
 
 def torch_arm(model_dir: Path, batch) -> tuple[Callable[[], object], Callable[[], float]]:
@@ -188,18 +204,22 @@ class Result:
     timing: Timing
     flops: float
     grad_norm: float
+    peak_bytes: float | None  # the compiled jax step's per-device peak (None: torch)
 
 
 def measure(arm: str, shape: Shape, model_dir: Path, config: ModelConfig,
             repeats: int) -> Result:
     batch = make_batch(shape, config.vocab_size)
+    peak = lambda: None  # noqa: E731
     if arm == "torch":
         step, grad_norm = torch_arm(model_dir, batch)
     else:
-        step, grad_norm = jax_arm(model_dir, shape, batch, shared=arm == "shared")
+        step, grad_norm, peak = jax_arm(model_dir, shape, batch, shared=arm != "naive",
+                                        lora=arm == "lora")
     # The first step is the warm-up: for jax it compiles; torch warms its allocator.
     timing = time_call(step, repeats=repeats)
-    return Result(shape, arm, timing, step_flops(config, shape, arm == "shared"), grad_norm())
+    return Result(shape, arm, timing, step_flops(config, shape, arm != "naive", arm == "lora"),
+                  grad_norm(), peak())
 
 
 # ----------------------------------------------------------------------------- report
@@ -212,14 +232,24 @@ def results_table(results: list[Result], matmul_flops: float) -> str:
         rate = res.flops / seconds
         rows.append([str(res.shape), res.arm, f"{seconds:.3f}", f"{res.timing.compile_s:.1f}",
                      f"{res.flops / 1e9:.1f}", f"{rate / 1e9:.1f}",
-                     f"{100 * rate / matmul_flops:.0f}%", f"{res.grad_norm:.4g}"])
+                     f"{100 * rate / matmul_flops:.0f}%", f"{res.grad_norm:.4g}",
+                     "-" if res.peak_bytes is None else f"{res.peak_bytes / 2**20:.1f}"])
     return markdown_table(["shape", "arm", "warm s/step", "first-step extra s", "GFLOP/step",
-                           "GFLOP/s", "of matmul", "grad norm"], rows)
+                           "GFLOP/s", "of matmul", "grad norm", "peak MiB/device"], rows)
 
 
 def ratios_table(results: list[Result]) -> str:
     return speedup_table(results, ("naive", "torch"), lambda res: res.timing.median_s,
                          ("naive time / shared time", "torch time / shared time"))
+
+
+def lora_table(results: list[Result]) -> str:
+    """LoRA beside full fine-tuning (the shared arm): step time and compiled peak memory."""
+    time_ratio = speedup_table(results, ("lora",), lambda res: res.timing.median_s,
+                               ("LoRA time / full time",))
+    memory_ratio = speedup_table(results, ("lora",), lambda res: res.peak_bytes,
+                                 ("LoRA peak bytes / full peak bytes",))
+    return time_ratio + "\n\n" + memory_ratio
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -274,6 +304,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.repeats} warm step(s) after a warm-up step.",
         results_table(results, matmul_flops),
         ratios_table(results),
+        f"LoRA (rank {LORA_RANK}, all seven projections) vs full fine-tuning:",
+        lora_table(results),
     ])
     return emit_report(report, args.out)
 
