@@ -8,6 +8,8 @@
   ``blockwise+chunks``: blockwise and ``grpo.logprob_chunk=64`` (the LM head over 64 positions
   at a time); for each jax arm also the compiled update's per-device peak (XLA's memory
   analysis, ``Trainer.memory_report``);
+* ``lora``: the ``shared`` step with LoRA (``reczero_jax.lora``: rank 16, alpha 32, on all
+  seven projections) training the adapters alone, the base frozen (fp32 here);
 * ``torch``: ``reczero_jax.compare.torch_grpo_loss`` (the same loss in plain torch, prompt repeated G times)
   on the transformers model loaded from the same weights, then ``backward``,
   ``clip_grad_norm_(1.0)`` and ``torch.optim.AdamW`` (betas 0.9/0.999, weight decay 0.01).
@@ -33,6 +35,11 @@ the factor 6 = forward 2 + backward 4 FLOPs per weight and token):
 * keys, the (query, key) pairs of causal attention (QK^T and AV, 4 FLOPs forward per pair
   and head dim): ``shared`` B (P (P + 1) / 2 + G sum_{j=1}^{R-1} (P + j)); the others
   B G (P + R) (P + R + 1) / 2.
+
+``lora`` is charged 4 instead of 6 per frozen weight and token (no weight gradient; the
+adapters' own r (IN + OUT) per target are left out). The jax arms also report the compiled
+step's per-device peak bytes (``Trainer.memory_report``: arguments + outputs - donated +
+temporaries), and two tables put LoRA beside full fine-tuning (``shared``).
 
 So each arm is charged for the work it really does; the achieved rate over the warm step
 time is divided by the fp32 matmul ceiling measured in this run (``benchmarks.common``).
@@ -71,11 +78,13 @@ from reczero_jax.models.config import ModelConfig
 
 DEFAULT_SHAPES = ("1024x128x8", "256x64x8", "1024x64x4")
 QUICK_SHAPES = ("64x16x4",)
-# jax arms: (shared prompt, model.attention, grpo.logprob_chunk)
-JAX_ARMS = {"shared": (True, "auto", 0), "naive": (False, "auto", 0),
-            "materialized": (True, "materialized", 0), "blockwise": (True, "blockwise", 0),
-            "blockwise+chunks": (True, "blockwise", 64)}
+# jax arms: (shared prompt, model.attention, grpo.logprob_chunk, LoRA adapters)
+JAX_ARMS = {"shared": (True, "auto", 0, False), "naive": (False, "auto", 0, False),
+            "materialized": (True, "materialized", 0, False),
+            "blockwise": (True, "blockwise", 0, False),
+            "blockwise+chunks": (True, "blockwise", 64, False), "lora": (True, "auto", 0, True)}
 ARMS = (*JAX_ARMS, "torch")
+LORA_RANK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +110,9 @@ QUICK_SIZE = DecoderSize(layers=2, hidden=64, heads=4, kv_heads=2, mlp=128, voca
 # ----------------------------------------------------------------------------- work model
 
 
-def step_flops(config: ModelConfig, shape: Shape, shared: bool) -> float:
-    """Model FLOPs of one training step (formula in the module docstring)."""
+def step_flops(config: ModelConfig, shape: Shape, shared: bool, frozen: bool = False) -> float:
+    """Model FLOPs of one training step (formula in the module docstring); ``frozen``: the
+    weights get no gradient (LoRA's base), 4 FLOPs per weight and token instead of 6."""
     head = config.hidden_size * config.vocab_size
     blocks = matmul_weights(config) - head
     per_key = 12 * config.num_layers * config.num_heads * config.head_dim
@@ -113,7 +123,8 @@ def step_flops(config: ModelConfig, shape: Shape, shared: bool) -> float:
     else:
         block_tokens = b * g * (p + r)
         keys = b * g * (p + r) * (p + r + 1) / 2
-    return float(6 * blocks * block_tokens + 6 * head * b * g * r + per_key * keys)
+    per_weight = 4 if frozen else 6
+    return float(per_weight * (blocks * block_tokens + head * b * g * r) + per_key * keys)
 
 
 # ----------------------------------------------------------------------------- batch and arms
@@ -152,17 +163,21 @@ def as_rollout(batch: dict[str, np.ndarray]):
 def jax_arm(model_dir: Path, shape: Shape, batch, arm: str
             ) -> tuple[Callable[[], object], Callable[[], float], float]:
     """(one update step, the gradient norm of the last step, the compiled update's peak bytes
-    per device) for our trainer."""
+    per device) for our trainer; the ``lora`` arm trains adapters of rank ``LORA_RANK`` on
+    every target."""
     from reczero_jax.config import GRPOConfig, OptimConfig
+    from reczero_jax.lora import add_lora
     from reczero_jax.mesh import single_device_mesh
     from reczero_jax.models import from_pretrained
     from reczero_jax.train.step import Trainer
 
-    shared, attention, chunk = JAX_ARMS[arm]
+    shared, attention, chunk, lora = JAX_ARMS[arm]
     config = GRPOConfig(group_size=shape.samples, max_new_tokens=shape.new_tokens,
                         shared_prompt=shared, logprob_chunk=chunk)
-    trainer = Trainer(from_pretrained(model_dir, attention=attention), single_device_mesh(),
-                      OptimConfig(), config)
+    model = from_pretrained(model_dir, attention=attention)
+    if lora:
+        add_lora(model, rank=LORA_RANK, alpha=2.0 * LORA_RANK)
+    trainer = Trainer(model, single_device_mesh(), OptimConfig(), config)
     rollout_batch = as_rollout(batch)
     peak = trainer.memory_report(trainer.trimmed(rollout_batch))["peak_bytes"]
     last = {}
@@ -201,7 +216,7 @@ class Result:
     timing: Timing
     flops: float
     grad_norm: float
-    peak_bytes: float | None
+    peak_bytes: float | None  # the compiled jax step's per-device peak (None: torch)
 
 
 def measure(arm: str, shape: Shape, model_dir: Path, config: ModelConfig,
@@ -214,8 +229,8 @@ def measure(arm: str, shape: Shape, model_dir: Path, config: ModelConfig,
         step, grad_norm, peak = jax_arm(model_dir, shape, batch, arm)
     # The first step is the warm-up: for jax it compiles; torch warms its allocator.
     timing = time_call(step, repeats=repeats)
-    shared = JAX_ARMS.get(arm, (False,))[0]
-    return Result(shape, arm, timing, step_flops(config, shape, shared), grad_norm(), peak)
+    shared, _, _, lora = JAX_ARMS.get(arm, (False, None, 0, False))
+    return Result(shape, arm, timing, step_flops(config, shape, shared, lora), grad_norm(), peak)
 
 
 # ----------------------------------------------------------------------------- report
@@ -238,6 +253,15 @@ def results_table(results: list[Result], matmul_flops: float) -> str:
 def ratios_table(results: list[Result]) -> str:
     return speedup_table(results, ("naive", "torch"), lambda res: res.timing.median_s,
                          ("naive time / shared time", "torch time / shared time"))
+
+
+def lora_table(results: list[Result]) -> str:
+    """LoRA beside full fine-tuning (the shared arm): step time and compiled peak memory."""
+    time_ratio = speedup_table(results, ("lora",), lambda res: res.timing.median_s,
+                               ("LoRA time / full time",))
+    memory_ratio = speedup_table(results, ("lora",), lambda res: res.peak_bytes,
+                                 ("LoRA peak bytes / full peak bytes",))
+    return time_ratio + "\n\n" + memory_ratio
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -292,6 +316,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.repeats} warm step(s) after a warm-up step.",
         results_table(results, matmul_flops),
         ratios_table(results),
+        f"LoRA (rank {LORA_RANK}, all seven projections) vs full fine-tuning:",
+        lora_table(results),
     ])
     return emit_report(report, args.out)
 

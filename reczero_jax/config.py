@@ -38,6 +38,8 @@ ATTENTIONS = ("auto", "materialized", "blockwise", "splash", "cudnn")  # models.
 # element; ``models.dtypes.JAX_DTYPES`` maps the same names to jax dtypes.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 DTYPES = tuple(DTYPE_BYTES)
+# The projections LoRA may adapt (reczero_jax.lora): the decoder's weight names.
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 @dataclasses.dataclass
@@ -85,13 +87,24 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass
+class LoRASection:
+    """Low-rank adapters (``reczero_jax.lora``): rank 0 trains every weight (no LoRA); rank
+    r > 0 trains adapters alone on ``targets`` (some of ``LORA_TARGETS``), scaled by alpha / r.
+    ``model.param_dtype`` then applies to the frozen base only (adapters are float32)."""
+
+    rank: int = 0
+    alpha: float = 32.0
+    targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclasses.dataclass
 class ModelSection:
     path: str = "artifacts/smollm2-135m-instruct"  # a Hugging Face directory
     dtype: str = "float32"  # compute dtype: DTYPES
     param_dtype: str = "float32"  # master weights: DTYPES
     remat: bool = False
     attention: str = "auto"  # one of ATTENTIONS (models.attention: which and why)
-
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)
 
 
 
@@ -199,6 +212,17 @@ def check_batch_split(prompts: int, micro_batches: int, shards: int,
             f"(make it a multiple of {micro_batches * shards})")
 
 
+def check_lora(lora: LoRASection) -> None:
+    """A ValueError for a negative rank, or targets that are not projections of the decoder."""
+    if lora.rank < 0:
+        raise ValueError(f"model.lora.rank={lora.rank} must be >= 0 (0: no LoRA)")
+    unknown = [name for name in lora.targets if name not in LORA_TARGETS]
+    if lora.rank and (unknown or not lora.targets):
+        raise ValueError(f"model.lora.targets={list(lora.targets)}: "
+                         f"{'unknown ' + ', '.join(unknown) if unknown else 'empty'} "
+                         f"(use some of: {', '.join(LORA_TARGETS)})")
+
+
 def check_config(config: ExperimentConfig) -> None:
     """What can be checked without a device: the choice fields, the batch splits of the
     phases the algorithm runs (GRPO: ``train.prompts_per_step`` in ``optim.micro_batches``;
@@ -208,6 +232,7 @@ def check_config(config: ExperimentConfig) -> None:
     if config.grpo.logprob_chunk < 0:
         raise ValueError(f"grpo.logprob_chunk={config.grpo.logprob_chunk} must be >= 0 "
                          "(0: unchunked; e.g. 256 positions per chunk)")
+    check_lora(config.model.lora)
     shards = config.mesh.data * config.mesh.fsdp
     if config.algorithm in ("reczero", "recone"):
         check_batch_split(config.train.prompts_per_step, config.optim.micro_batches, shards,

@@ -43,6 +43,7 @@ LOGICAL_AXIS_RULES: dict[str, MeshAxes] = {
     "norm": None,
     "length": None,
     "group": None,
+    "lora_rank": None,  # a LoRA factor's rank (small: never sharded)
 }
 
 

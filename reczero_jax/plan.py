@@ -15,6 +15,16 @@ Resident in every phase
     optimizer   = 2 x params (AdamW's first and second moments, in the parameters' dtype)
     reference   = params, only when grpo.kl_coef > 0
 
+With LoRA (``model.lora.rank`` r > 0) the parameters above are the frozen base, in
+``model.param_dtype``; only the adapters (float32, ``reczero_jax.lora``) train:
+    adapters    = sum over adapter factors of (its shard's elements) x 4
+                  (L r (IN + OUT) per target in all; A shards like its weight's inputs, B like
+                  its outputs, the rank never)
+    optimizer   = 2 x adapters;  gradients = adapters (x 2 with micro-batches)
+    reference   = none: the KL reference is the base with the adapters off
+The activations are counted as without LoRA (the low-rank intermediates, b T r per target
+and layer, are under 1 % of them at r = 16); the rollout copy's adapters likewise.
+
 Update phase (``Trainer.grpo_update``: forward, backward, AdamW)
     gradients   = params x (1 if M == 1 else 2: the micro-batch gradient and the running sum)
     activations, per layer and token (the residuals the backward pass reads):
@@ -177,6 +187,8 @@ class RunShape:
     tensor: int
     attention: str = "materialized"  # a concrete implementation (``planned_attention``)
     logprob_chunk: int = 0  # grpo.logprob_chunk (0: the whole [B, G, R, V] logits)
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def devices(self) -> int:
@@ -191,12 +203,15 @@ class RunShape:
             new_tokens=config.grpo.max_new_tokens, micro_batches=config.optim.micro_batches,
             remat=config.model.remat, compute_bytes=DTYPE_BYTES[config.model.dtype],
             param_bytes=DTYPE_BYTES[config.model.param_dtype],
-            reference_model=bool(config.grpo.kl_coef),
+            # LoRA: the reference is the frozen base itself, no copy.
+            reference_model=bool(config.grpo.kl_coef) and not config.model.lora.rank,
             eval_batch_size=config.train.eval_batch_size,
             eval_new_tokens=config.train.eval_max_new_tokens,
             data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor,
             attention=planned_attention(config.model.attention),
-            logprob_chunk=config.grpo.logprob_chunk)
+            logprob_chunk=config.grpo.logprob_chunk,
+            lora_rank=config.model.lora.rank,
+            lora_targets=tuple(config.model.lora.targets) if config.model.lora.rank else ())
 
 
 def planned_attention(name: str) -> str:
@@ -266,17 +281,25 @@ def _abstract_mesh(data: int, fsdp: int, tensor: int):
 
 @functools.lru_cache(maxsize=32)
 def param_shard_elements(model_config, data: int, fsdp: int, tensor: int,
-                         rollout: bool = False) -> int:
+                         rollout: bool = False, lora_rank: int = 0,
+                         lora_targets: tuple[str, ...] = ()) -> int:
     """Parameter elements on one chip: each weight's shard under ``mesh.param_shardings``
     (which also raises, naming the weight, when a dimension does not divide its mesh axis);
-    ``rollout``: under ``mesh.rollout_rules`` (the sampler's copy)."""
+    ``rollout``: under ``mesh.rollout_rules`` (the sampler's copy). With ``lora_rank``: the
+    elements of the LoRA adapters on ``lora_targets`` alone."""
     import jax
     from flax import nnx
 
+    from reczero_jax.lora import LoRAParam, add_lora
     from reczero_jax.mesh import TRAINING_RULES, param_shardings, rollout_rules
     from reczero_jax.models.decoder import Decoder
 
-    abstract = nnx.state(nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0))))
+    def build():
+        model = Decoder(model_config, rngs=nnx.Rngs(0))
+        return add_lora(model, rank=lora_rank, alpha=1.0, targets=lora_targets) if lora_rank \
+            else model
+
+    abstract = nnx.state(nnx.eval_shape(build), LoRAParam if lora_rank else nnx.Param)
     mesh = _abstract_mesh(data, fsdp, tensor)
     rules = rollout_rules(mesh, model_config) if rollout else TRAINING_RULES
     shardings = param_shardings(abstract, mesh, rules)
@@ -337,6 +360,16 @@ def estimate(model_config, shape: RunShape) -> Estimate:
     if shape.reference_model:
         terms["reference parameters (KL)"] = everywhere
         scale["reference parameters (KL)"] = params
+    trained = params
+    if shape.lora_rank:  # the base is frozen: adapters (float32) take the moments, gradients
+        trained = 4 * param_shard_elements(cfg, shape.data, shape.fsdp, shape.tensor,
+                                           lora_rank=shape.lora_rank,
+                                           lora_targets=shape.lora_targets)
+        terms = {"frozen base parameters": everywhere, f"LoRA adapters (rank {shape.lora_rank},"
+                 " float32)": everywhere, "optimizer state (AdamW mu, nu)": everywhere}
+        scale = {"frozen base parameters": params,
+                 f"LoRA adapters (rank {shape.lora_rank}, float32)": trained,
+                 "optimizer state (AdamW mu, nu)": 2 * trained}
 
     # Update phase: b prompts per chip per micro-batch, the prompt once, G responses of R-1
     # tokens (the first response token is predicted from the prompt's last position).
@@ -358,7 +391,7 @@ def estimate(model_config, shape: RunShape) -> Estimate:
         activations = (layers + 1) * one_layer
     activations += 2 * layers * b * prompt * kv_heads * head_dim * c
     activations += prompt_transient + response_transient
-    terms["gradients"] = {"update": params * (1 if shape.micro_batches == 1 else 2)}
+    terms["gradients"] = {"update": trained * (1 if shape.micro_batches == 1 else 2)}
     terms[f"activations ({'remat' if shape.remat else 'no remat'}, {shape.attention})"] = {
         "update": activations}
     # The LM head's logits: all R positions, or one chunk of them at a time plus the hidden
@@ -478,6 +511,12 @@ def format_plan(model_config, model_source: str, shape: RunShape, tpu: TpuSlice)
         f"bucket {shape.sample_prompt_tokens}), responses {shape.new_tokens}; remat "
         f"{'on' if shape.remat else 'off'}",
     ]
+    if shape.lora_rank:
+        adapters = param_shard_elements(model_config, 1, 1, 1, lora_rank=shape.lora_rank,
+                                        lora_targets=shape.lora_targets)
+        lines.append(f"LoRA rank {shape.lora_rank} on {' '.join(shape.lora_targets)}: "
+                     f"{adapters / 1e6:.1f} M trained parameters; the base is frozen and is "
+                     "the KL reference")
     if shape.devices > tpu.chips:
         lines.append(f"error: the mesh needs {shape.devices} chips, the slice has {tpu.chips}")
     elif shape.devices < tpu.chips:

@@ -167,3 +167,13 @@ def wait_for(procs: list[subprocess.Popen], timeout: float) -> list[str]:
                 proc.kill()
                 proc.wait()
     return outputs
+
+
+def run_train_group(*argv) -> int:
+    """``reczero train|export|eval ...`` through the train command group's ``register``."""
+    from reczero_jax.train.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)

@@ -48,7 +48,7 @@ def synthetic_rollout(step: int, vocab: int) -> Rollout:
 
 def train(mesh) -> Trainer:
     """``STEPS`` GRPO updates; this process contributes its block of each rollout."""
-    from tests.test_sampling import TINY, tiny_model
+    from tests.helpers import TINY, tiny_model
 
     trainer = Trainer(tiny_model(mesh=mesh), mesh, OptimConfig(learning_rate=1e-2),
                       GRPOConfig(group_size=G, max_new_tokens=R))

@@ -1,7 +1,6 @@
 """`reczero export`: a run's checkpoint -> Hugging Face directory that transformers loads, with
 the logits of our model (fp32, within 1e-5); --step picks the checkpoint, --dtype the weights."""
 
-import argparse
 import dataclasses
 import json
 
@@ -18,17 +17,10 @@ from reczero_jax.config import OptimConfig, load_config
 from reczero_jax.mesh import single_device_mesh
 from reczero_jax.models import from_pretrained
 from reczero_jax.train.checkpoint import Checkpointer
-from reczero_jax.train.cli import register
 from reczero_jax.train.step import Trainer
+from tests.helpers import run_train_group
 
 IDS = np.random.default_rng(0).integers(0, 49152, (2, 24)).astype(np.int32)
-
-
-def reczero(*argv) -> int:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def run_dir(tmp_path_factory, tiny_model_dir):
 def test_export_loads_in_transformers_with_equal_logits(run_dir, tmp_path):
     run, graphdef, params = run_dir
     out = tmp_path / "hf"
-    assert reczero("export", "--run", run, "--out", out) == 0  # default: the latest step (2)
+    assert run_train_group("export", "--run", run, "--out", out) == 0  # default: the latest step (2)
 
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32, attn_implementation="eager").eval()
@@ -72,7 +64,7 @@ def test_export_loads_in_transformers_with_equal_logits(run_dir, tmp_path):
 def test_step_and_dtype_options(run_dir, tiny_model_dir, tmp_path):
     run, _, _ = run_dir
     out = tmp_path / "hf"
-    assert reczero("export", "--run", run, "--step", 1, "--out", out, "--dtype", "bfloat16") == 0
+    assert run_train_group("export", "--run", run, "--step", 1, "--out", out, "--dtype", "bfloat16") == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with (safe_open(out / "model.safetensors", "pt") as exported,
           safe_open(tiny_model_dir / "model.safetensors", "pt") as initial):
@@ -83,6 +75,6 @@ def test_step_and_dtype_options(run_dir, tiny_model_dir, tmp_path):
             torch.testing.assert_close(tensor, initial.get_tensor(name).to(torch.bfloat16),
                                        rtol=0, atol=0)  # step 1: the initial weights
     with pytest.raises(ValueError, match=r"step 7 is not in .*saved steps: \[1, 2\]"):
-        reczero("export", "--run", run, "--step", 7, "--out", tmp_path / "none")
+        run_train_group("export", "--run", run, "--step", 7, "--out", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-        reczero("export", "--run", tmp_path, "--out", tmp_path / "none")
+        run_train_group("export", "--run", tmp_path, "--out", tmp_path / "none")

@@ -11,8 +11,7 @@ from reczero_jax import mesh as meshlib
 from reczero_jax.config import GRPOConfig, OptimConfig
 from reczero_jax.policy import token_stats
 from reczero_jax.train.step import Trainer
-from tests.test_sampling import TINY, tiny_model
-from tests.test_train_step import assert_trees_close, fake_rollout
+from tests.helpers import TINY, assert_trees_close, fake_rollout, tiny_model
 
 EXACT = 1e-6
 

@@ -321,3 +321,37 @@ def test_update_collectives_formula_matches_compiled_update(micro_batches):
         eval_new_tokens=response, data=1, fsdp=4, tensor=1)
     formula = sum(plan.update_collectives(SMALL, shape).values())
     assert formula == pytest.approx(measured, rel=0.25)
+
+
+# --- LoRA --------------------------------------------------------------------------------
+
+
+def test_lora_plan_counts_adapters_their_moments_and_no_reference_copy():
+    """The LoRA paper config (kl_coef 0.001): a bf16 frozen base, float32 adapters with their
+    moments and gradients, and no reference copy; its resident state is a small fraction
+    of full fine-tuning's with the same reference."""
+    from reczero_jax import lora
+
+    config = load_config("configs/paper/reczero_amazon_book_qwen2.5-7b_lora_v6e-8.yaml")
+    shape = plan.RunShape.from_config(config)
+    assert config.grpo.kl_coef > 0 and not shape.reference_model
+    assert (shape.lora_rank, shape.param_bytes) == (16, 2)
+    adapters = plan.param_shard_elements(QWEN_7B, 1, 1, 1, lora_rank=16,
+                                         lora_targets=shape.lora_targets)
+    assert adapters == lora.adapter_count(QWEN_7B, 16, lora.TARGETS) == 40_370_176
+    terms = plan.estimate(QWEN_7B, shape).terms
+    own = plan.param_shard_elements(QWEN_7B, 1, 8, 1, lora_rank=16,
+                                    lora_targets=shape.lora_targets)
+    assert terms["LoRA adapters (rank 16, float32)"]["update"] == 4 * own
+    assert terms["optimizer state (AdamW mu, nu)"]["update"] == 8 * own
+    assert terms["gradients"]["update"] == 4 * own
+    assert terms["frozen base parameters"]["update"] == 2 * plan.param_shard_elements(
+        QWEN_7B, 1, 8, 1)
+    assert not any("reference" in name for name in terms)
+    full = plan.estimate(QWEN_7B, dataclasses.replace(
+        shape, lora_rank=0, lora_targets=(), param_bytes=4, reference_model=True)).terms
+    resident = ("parameters", "optimizer state (AdamW mu, nu)", "reference parameters (KL)",
+                "frozen base parameters", "LoRA adapters (rank 16, float32)", "gradients")
+    lora_state = sum(terms[n]["update"] for n in resident if n in terms)
+    full_state = sum(full[n]["update"] for n in resident if n in full)
+    assert lora_state < full_state / 7

@@ -81,8 +81,11 @@ def final_state(run_dir, step):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lora", [(), ("model.lora.rank=4", "grpo.kl_coef=0.01")],
+                         ids=["full", "lora"])
 def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_dir,
-                                                          small_ml100k):
+                                                          small_ml100k, lora):
+    """Also with LoRA (adapters alone checkpointed, the frozen base as the KL reference)."""
     def overrides(run_dir):
         return tiny_run(run_dir, tiny_model_dir, small_ml100k, "algorithm=reczero",
                         "train.steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=3",
@@ -90,7 +93,7 @@ def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_
                         # The random tiny model never answers in format, so every reward is -1
                         # and every advantage 0: an entropy bonus gives gradients that depend
                         # on each step's batch and samples.
-                        "grpo.entropy_coef=0.01")
+                        "grpo.entropy_coef=0.01", *lora)
 
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight = start_train(tmp_path, "straight", overrides(straight_dir))
@@ -108,6 +111,8 @@ def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_
     straight_leaves, straight_end = final_state(straight_dir, 6)
     resumed_leaves, resumed_end = final_state(killed_dir, 6)
     assert len(straight_leaves) == len(resumed_leaves) > 0
+    saved = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(resumed_end.params)]
+    assert all(("adapters" in name) == bool(lora) for name in saved), saved
     for a, b in zip(straight_leaves, resumed_leaves, strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     assert resumed_end.data_state == straight_end.data_state  # the iterator's position

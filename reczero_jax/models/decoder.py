@@ -139,8 +139,15 @@ class DecoderLayers(nnx.Module):
         self.w_down = _param(rngs, (n, i, d), ("layers", "mlp", "embed"), param_dtype)
 
     def stacked(self) -> dict[str, jax.Array]:
-        """The raw stacked weight arrays, keyed by name (the scan's ``xs``)."""
-        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+        """The raw stacked weight arrays, keyed by name (the scan's ``xs``), and under
+        ``"lora"`` the factors ``{target: (A, s * B)}`` of enabled LoRA adapters, which
+        ``reczero_jax.lora.add_lora`` attaches as ``self.adapters``."""
+        weights = {name: var[...] for name, var in vars(self).items()
+                   if isinstance(var, nnx.Param)}
+        adapters = getattr(self, "adapters", None)
+        if adapters is not None and adapters.enabled:
+            weights["lora"] = adapters.factors()
+        return weights
 
 
 class Decoder(nnx.Module):
@@ -253,9 +260,9 @@ class Decoder(nnx.Module):
         config, dtype = self.config, self.dtype
         inv_freq = rope_inverse_frequencies(config)
         h = rms_norm(x, w["attn_norm"], config.rms_norm_eps)
-        q = jnp.einsum("bgtd,dhk->bgthk", h, w["wq"].astype(dtype))
-        k = jnp.einsum("bgtd,dhk->bgthk", h, w["wk"].astype(dtype))
-        v = jnp.einsum("bgtd,dhk->bgthk", h, w["wv"].astype(dtype))
+        q = self._project(w, "wq", "bgtd,dhk->bgthk", h)
+        k = self._project(w, "wk", "bgtd,dhk->bgthk", h)
+        v = self._project(w, "wv", "bgtd,dhk->bgthk", h)
         if config.attention_bias:
             q, k, v = q + w["bq"].astype(dtype), k + w["bk"].astype(dtype), v + w["bv"].astype(dtype)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -272,12 +279,23 @@ class Decoder(nnx.Module):
         else:  # one query: its [1, P + S] scores are small
             attend = attention_lib.materialized
         attended = attend(q, keys, values, self_mask, prefix)
-        x = x + jnp.einsum("bgthk,hkd->bgtd", attended, w["wo"].astype(dtype))
+        x = x + self._project(w, "wo", "bgthk,hkd->bgtd", attended)
         h = rms_norm(x, w["mlp_norm"], config.rms_norm_eps)
-        gate = jnp.einsum("bgtd,di->bgti", h, w["w_gate"].astype(dtype))
-        up = jnp.einsum("bgtd,di->bgti", h, w["w_up"].astype(dtype))
-        x = x + jnp.einsum("bgti,id->bgtd", jax.nn.silu(gate) * up, w["w_down"].astype(dtype))
+        gate = self._project(w, "w_gate", "bgtd,di->bgti", h)
+        up = self._project(w, "w_up", "bgtd,di->bgti", h)
+        x = x + self._project(w, "w_down", "bgti,id->bgtd", jax.nn.silu(gate) * up)
         return self._constrain(x), new_kv
+
+    def _project(self, w, name: str, equation: str, x: jax.Array) -> jax.Array:
+        """x @ W for weight ``name`` (the einsum ``equation``), plus a LoRA adapter's low-rank
+        delta (x @ A) @ (s * B) when ``w["lora"]`` has one for it (A: [in..., r], contracted
+        with x's trailing input dims; B: [r, out...])."""
+        y = jnp.einsum(equation, x, w[name].astype(self.dtype))
+        if name in w.get("lora", {}):
+            a, b = w["lora"][name]
+            low_rank = jnp.tensordot(x, a.astype(self.dtype), axes=a.ndim - 1)
+            y = y + jnp.tensordot(low_rank, b.astype(self.dtype), axes=1)
+        return y
 
     def _maybe_remat(self, fn):
         return jax.checkpoint(fn, prevent_cse=False) if self.remat else fn

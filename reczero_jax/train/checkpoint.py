@@ -68,6 +68,7 @@ COMPATIBILITY_KEYS = (
     "seed",
     "model.path",
     "model.param_dtype",
+    "model.lora",
     "data.dir",
     "data.layout",
     "data.max_prompt_tokens",

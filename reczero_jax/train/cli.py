@@ -31,6 +31,10 @@ def register(subparsers) -> None:
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--dtype", choices=DTYPES,
                         help="weight dtype (default: the parameters' own)")
+    export.add_argument("--adapter", action="store_true",
+                        help="a LoRA run: write its adapters alone in PEFT's format "
+                             "(adapter_config.json, adapter_model.safetensors) instead of "
+                             "merged full weights")
     export.set_defaults(func=_export)
 
     evaluate = subparsers.add_parser(
@@ -75,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from reczero_jax.train.export import export_run
 
-    export_run(args.run, args.out, step=args.step, dtype=args.dtype)
+    export_run(args.run, args.out, step=args.step, dtype=args.dtype, adapter=args.adapter)
     return 0
 
 

@@ -60,6 +60,7 @@ from reczero_jax.data.pipeline import make_pipeline
 from reczero_jax.data.sft import sft_batch, sft_examples
 from reczero_jax.data.subset import take_subset
 from reczero_jax.evaluate import REPORT_COLUMNS, EvalSettings
+from reczero_jax.lora import LoRAParam, add_lora, has_lora
 from reczero_jax.mesh import make_mesh, param_shardings
 from reczero_jax.models import from_pretrained, stop_token_ids
 from reczero_jax.models.dtypes import jax_dtype
@@ -169,7 +170,8 @@ def run(config: ExperimentConfig, *, restart: bool = False) -> dict[str, dict[st
 def reference_steps(config: ExperimentConfig) -> tuple[int, ...]:
     """Checkpoint steps kept for good: RecOne's last SFT step when GRPO has a KL penalty (its
     parameters are the KL reference, which a resumed GRPO phase restores from there)."""
-    if config.algorithm == "recone" and config.grpo.kl_coef:
+    # (With LoRA the reference is the frozen base, which needs no checkpoint.)
+    if config.algorithm == "recone" and config.grpo.kl_coef and not config.model.lora.rank:
         return (config.sft.steps,)
     return ()
 
@@ -240,6 +242,10 @@ class Session:
                                           param_dtype=jax_dtype(config.model.param_dtype),
                                           mesh=self.mesh, attention=config.model.attention)
         self.base_model.remat = config.model.remat
+        lora = config.model.lora
+        if lora.rank:  # trains adapters alone; the base stays frozen (and is the KL reference)
+            add_lora(self.base_model, rank=lora.rank, alpha=lora.alpha, targets=lora.targets,
+                     seed=config.seed)
         self.train_records = take_subset(load_split(config.data.dir, "train"),
                                          config.data.train_samples, config.data.subset,
                                          config.seed)
@@ -307,11 +313,13 @@ class Session:
         return best_model
 
     def saved_policy(self, step: int, like):
-        """The policy saved at ``step``, as a module of ``like``'s structure on the mesh."""
-        graphdef, state = nnx.split(like)
+        """The policy saved at ``step``, as a module of ``like``'s structure on the mesh (with
+        LoRA the checkpoint holds the adapters alone; the base is ``like``'s)."""
+        graphdef, state, *frozen = nnx.split(like, LoRAParam, ...) if has_lora(like) else (
+            nnx.split(like))
         restored = self.checkpoints.restore(step, abstract_params=state,
                                             param_sharding=param_shardings(state, self.mesh))
-        return nnx.merge(graphdef, restored.params)
+        return nnx.merge(graphdef, restored.params, *frozen)
 
     # -- the step loop shared by both phases ----------------------------------------------
 
@@ -414,7 +422,7 @@ class Session:
         # (the trainer keeps a frozen copy); a resumed RecOne reads the latter from the last
         # SFT step, which is kept for it (reference_steps).
         reference = model if config.grpo.kl_coef else None
-        if resume and reference_steps(config):
+        if resume and reference_steps(config) and not has_lora(model):
             (sft_end,) = reference_steps(config)
             if sft_end not in self.checkpoints.all_steps():
                 raise RuntimeError(

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from reczero_jax import grpo
 from reczero_jax.config import GRPOConfig, OptimConfig, check_batch_split
 from reczero_jax.data.padding import RESPONSE_BUCKETS, bucket_length
+from reczero_jax.lora import LoRAParam, adapters_off, has_lora
 from reczero_jax.mesh import batch_sharding, logical_to_spec, mesh_axis_size, param_shardings
 from reczero_jax.models.decoder import Decoder
 from reczero_jax.policy import TokenStats, response_hidden, sequence_hidden, token_stats
@@ -113,6 +114,11 @@ class Trainer:
     parameters in buffers of its own (``ref_params``): the updates donate the policy's, which
     may be the same arrays.
 
+    LoRA (a model with ``lora.add_lora`` adapters): ``params`` (trained, donated, optimized,
+    checkpointed) are the adapters alone; the base weights are ``frozen``, a state passed to
+    every step as a non-donated input. The KL reference is then the base itself (the same
+    weights with the adapters off): no copy, ``ref_params`` is None and ``reference`` unused.
+
     ``abstract``: ``model`` is abstract (``nnx.eval_shape``) and the trainer holds
     ``jax.ShapeDtypeStruct`` s on their shardings instead of arrays: its updates lower and
     compile (``memory_report``) without allocating anything (``reczero plan --compile``);
@@ -125,7 +131,15 @@ class Trainer:
         self.optim = optim
         self.grpo_config = grpo_config or GRPOConfig()
         self.abstract = abstract
-        self.graphdef, params = nnx.split(model)
+        self.lora = has_lora(model)
+        if self.lora:
+            self.graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
+            frozen_sharding = param_shardings(frozen, mesh)
+            self.frozen = (_shapes_on(frozen, frozen_sharding) if abstract
+                           else jax.device_put(frozen, frozen_sharding))
+        else:
+            self.graphdef, params = nnx.split(model)
+            self.frozen = None
         self.param_sharding = param_shardings(params, mesh)
         self.params = (_shapes_on(params, self.param_sharding) if abstract
                        else jax.device_put(params, self.param_sharding))
@@ -141,9 +155,9 @@ class Trainer:
         else:
             self.opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(self.params)
         self.ref_params = None
-        if self.grpo_config.kl_coef and abstract:
+        if self.grpo_config.kl_coef and not self.lora and abstract:
             self.ref_params = self.params  # the same shapes and shardings
-        elif self.grpo_config.kl_coef:
+        elif self.grpo_config.kl_coef and not self.lora:
             if reference is None:
                 raise ValueError("grpo.kl_coef is non-zero: pass the reference policy "
                                  "(reference=, e.g. the initial policy)")
@@ -156,7 +170,7 @@ class Trainer:
             donate_argnums=(0, 1),
         )
         self._grpo_loss_and_grads = jax.jit(
-            lambda p, b, r: self._accumulated_grads(p, b, self._grpo_loss_terms(r))[:2])
+            lambda p, b, r, f: self._accumulated_grads(p, b, self._grpo_loss_terms(r, f))[:2])
         self._policy_logprobs = jax.jit(self._response_logprobs)
         self.sft_update = jax.jit(
             self._sft_update,
@@ -169,7 +183,7 @@ class Trainer:
     @property
     def model(self) -> Decoder:
         """The current policy as a module (shares the trainer's parameter arrays)."""
-        return nnx.merge(self.graphdef, self.params)
+        return self._merge(self.params, self.frozen)
 
     def check_batch(self, num_prompts: int) -> None:
         """Readable errors, before compiling, for a batch that cannot be split as configured."""
@@ -205,7 +219,7 @@ class Trainer:
         self.check_batch(rollout_batch.responses.shape[0])
         rollout_batch = self.trimmed(rollout_batch)
         self.params, self.opt_state, metrics = self.grpo_update(
-            self.params, self.opt_state, self.place(rollout_batch), self.ref_params)
+            self.params, self.opt_state, self.place(rollout_batch), self.ref_params, self.frozen)
         return jax.device_get(metrics)
 
     def grpo_updates(self, rollout_batch: Rollout) -> dict[str, Any]:
@@ -232,7 +246,7 @@ class Trainer:
         ``sampler_logp_gap_max`` / ``_mean``, max / mean of |sampler - policy| over response
         tokens."""
         placed = self.place(rollout_batch)
-        logp, gap_max, gap_mean = self._policy_logprobs(self.params, placed)
+        logp, gap_max, gap_mean = self._policy_logprobs(self.params, placed, self.frozen)
         return placed._replace(old_logp=logp), {"sampler_logp_gap_max": float(gap_max),
                                                 "sampler_logp_gap_mean": float(gap_mean)}
 
@@ -240,17 +254,19 @@ class Trainer:
         """One SFT update: next-token loss where ``loss_mask`` [B, T] marks response tokens."""
         self.check_batch(np.shape(input_ids)[0])
         batch = self.place(tuple(jnp.asarray(a) for a in (input_ids, attention_mask, loss_mask)))
-        self.params, self.opt_state, metrics = self.sft_update(self.params, self.opt_state, batch)
+        self.params, self.opt_state, metrics = self.sft_update(self.params, self.opt_state, batch,
+                                                               self.frozen)
         return jax.device_get(metrics)
 
     def grpo_loss_and_grads(self, rollout_batch: Rollout):
         """The GRPO loss and its (accumulated, unclipped) gradient, without updating."""
-        return self._grpo_loss_and_grads(self.params, self.place(rollout_batch), self.ref_params)
+        return self._grpo_loss_and_grads(self.params, self.place(rollout_batch), self.ref_params,
+                                         self.frozen)
 
     def memory_report(self, rollout_batch: Rollout) -> dict[str, float]:
         """Per-device bytes of the compiled GRPO update (XLA's memory analysis)."""
         compiled = self.grpo_update.lower(self.params, self.opt_state, self.place(rollout_batch),
-                                          self.ref_params).compile()
+                                          self.ref_params, self.frozen).compile()
         analysis = compiled.memory_analysis()
         fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
                   "alias_size_in_bytes", "generated_code_size_in_bytes")
@@ -281,11 +297,11 @@ class Trainer:
 
     # -- compiled bodies ----------------------------------------------------------------
 
-    def _grpo_loss_terms(self, ref_params):
+    def _grpo_loss_terms(self, ref_params, frozen=None):
         config = self.grpo_config
 
         def loss_terms(params, micro: Rollout):
-            stats = self._response_stats(params, micro)
+            stats = self._response_stats(params, micro, frozen)
             logp = stats.logp
             flat = lambda x: x.reshape(-1, x.shape[-1])  # [b, G, R] -> [b*G, R]
             # One update per rollout (the paper's setting) is on-policy: the old policy is the
@@ -299,7 +315,10 @@ class Trainer:
                 config.loss_agg, config.max_new_tokens)
             numerator = terms.numerator
             if config.kl_coef:
-                ref_logp = jax.lax.stop_gradient(self._response_stats(ref_params, micro).logp)
+                # LoRA: the reference is the base, the same weights with the adapters off.
+                ref_stats = (self._response_stats(params, micro, frozen, adapters=False)
+                             if self.lora else self._response_stats(ref_params, micro))
+                ref_logp = jax.lax.stop_gradient(ref_stats.logp)
                 kl = grpo.masked_aggregate(grpo.kl_penalty(flat(logp), flat(ref_logp),
                                                            config.kl_kind),
                                            flat(micro.response_mask), config.loss_agg,
@@ -319,18 +338,18 @@ class Trainer:
 
         return loss_terms
 
-    def _grpo_update(self, params, opt_state, batch: Rollout, ref_params):
+    def _grpo_update(self, params, opt_state, batch: Rollout, ref_params, frozen=None):
         params, opt_state, metrics = self._accumulated_update(
-            params, opt_state, batch, self._grpo_loss_terms(ref_params))
+            params, opt_state, batch, self._grpo_loss_terms(ref_params, frozen))
         metrics.update(reward_mean=batch.rewards.mean(), reward_std=batch.rewards.std(),
                        format_rate=batch.format_ok.mean(),
                        response_length=batch.lengths.mean())
         return params, opt_state, metrics
 
-    def _sft_update(self, params, opt_state, batch):
+    def _sft_update(self, params, opt_state, batch, frozen=None):
         def loss_terms(params, micro):
             input_ids, attention_mask, loss_mask = micro
-            model = nnx.merge(self.graphdef, params)
+            model = self._merge(params, frozen)
             hidden = sequence_hidden(model, input_ids, attention_mask)[:, :-1]
             target_logp = token_stats(model, hidden, input_ids[:, 1:],
                                       chunk=self.grpo_config.logprob_chunk).logp
@@ -338,22 +357,29 @@ class Trainer:
 
         return self._accumulated_update(params, opt_state, batch, loss_terms)
 
-    def _response_stats(self, params, micro: Rollout) -> TokenStats:
+    def _merge(self, params, frozen, adapters: bool = True) -> Decoder:
+        """The module of ``params`` (and, with LoRA, the ``frozen`` base; ``adapters=False``:
+        the base alone)."""
+        model = nnx.merge(self.graphdef, params, *([] if frozen is None else [frozen]))
+        return model if adapters else adapters_off(model)
+
+    def _response_stats(self, params, micro: Rollout, frozen=None,
+                        adapters: bool = True) -> TokenStats:
         """Log-probs and entropies [b, G, R] of the responses at the sampling temperature,
         through the LM head in chunks of ``grpo.logprob_chunk`` positions."""
         config = self.grpo_config
-        model = nnx.merge(self.graphdef, params)
+        model = self._merge(params, frozen, adapters)
         hidden = response_hidden(model, micro.prompt_ids, micro.prompt_mask, micro.responses,
                                  shared_prompt=config.shared_prompt)
         return token_stats(model, hidden, micro.responses, temperature=config.temperature,
                            chunk=config.logprob_chunk)
 
-    def _response_logprobs(self, params, batch: Rollout):
+    def _response_logprobs(self, params, batch: Rollout, frozen=None):
         """log pi(responses) [B, G, R] at the sampling temperature, one micro-batch at a time
         (the logits of a whole batch may not fit), and the max / mean |batch.old_logp - it|
         over response tokens."""
         def micro_logprobs(micro: Rollout):
-            return self._response_stats(params, micro).logp
+            return self._response_stats(params, micro, frozen).logp
 
         logp = jax.lax.map(micro_logprobs, self._micro_batches(batch))
         logp = logp.reshape(batch.responses.shape)
