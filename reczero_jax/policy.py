@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from reczero_jax.grpo import token_entropy, token_logprobs
+from reczero_jax.mesh import constrain
 from reczero_jax.models.decoder import (
     Decoder,
     KVCache,
@@ -70,7 +71,10 @@ def response_hidden(model: Decoder, prompt_ids: jax.Array, prompt_mask: jax.Arra
     hidden, _ = model.forward(responses[:, :, :-1], positions, self_mask, prefix=prefix)
     first = prompt_hidden[:, :, -1:]  # [B, 1, 1, d]: predicts every response's token 0
     first = jnp.broadcast_to(first, (batch, group, 1, hidden.shape[-1]))
-    return jnp.concatenate([first.astype(hidden.dtype), hidden], axis=2)
+    # Keep the batch sharding through the concatenation: without it XLA may split the LM
+    # head's contraction over the model width instead and all-reduce whole logits.
+    return constrain(jnp.concatenate([first.astype(hidden.dtype), hidden], axis=2),
+                     model.mesh, ("batch", None, None, None), model.axis_rules)
 
 
 def sequence_hidden(model: Decoder, input_ids: jax.Array, attention_mask: jax.Array
