@@ -175,6 +175,8 @@ def test_export_merged_and_peft_adapter_load_with_the_adapted_logits(lora_run, t
     with torch.no_grad():
         theirs = adapted(input_ids=torch.as_tensor(IDS)).logits.numpy()
         merged = full(input_ids=torch.as_tensor(IDS)).logits.numpy()
+    print(f"\nmax |ours - peft| {np.max(np.abs(ours - theirs)):.2e}, max |ours - merged "
+          f"export| {np.max(np.abs(ours - merged)):.2e}, logits spread {ours.std():.3f}")
     assert np.max(np.abs(ours - theirs)) < 1e-4
     assert np.max(np.abs(ours - merged)) < 1e-4
     with pytest.raises(ValueError, match="no LoRA adapters to export"):
