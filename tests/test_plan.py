@@ -155,6 +155,17 @@ def test_shipped_paper_configs_fit(slice_name):
     assert verdict[0].startswith("verdict: FITS")
 
 
+@pytest.mark.parametrize("dataset", ["amazon_book", "amazon_music", "yelp"])
+def test_shipped_lora_configs_fit_where_full_fine_tuning_does_not(dataset):
+    """v6e-8 at the paper's lengths: full fine-tuning is over XLA's count (README), the LoRA
+    variant (bf16 frozen base, float32 adapters and moments, no reference copy) fits."""
+    config = load_config(f"configs/paper/reczero_{dataset}_qwen2.5-7b_lora_v6e-8.yaml")
+    shape = plan.RunShape.from_config(config)
+    assert (shape.prompt_tokens, shape.new_tokens, shape.lora_rank) == (6000, 2048, 16)
+    verdict = plan.verdict(QWEN_7B, shape, plan.parse_slice("v6e-8"))
+    assert verdict[0].startswith("verdict: FITS"), verdict[0]
+
+
 def test_paper_config_shape():
     shape = paper_shape("v5p-8")
     assert (shape.prompts_per_step, shape.group_size, shape.prompt_tokens,
