@@ -109,7 +109,7 @@ def test_update_trimmed_to_the_generated_length_equals_the_untrimmed_one():
     assert trainer.trimmed(trimmed) is trimmed
     shapes = []
     update = trainer.grpo_update
-    trainer.grpo_update = lambda p, o, batch, r: (shapes.append(batch.responses.shape)
-                                                  or update(p, o, batch, r))
+    trainer.grpo_update = lambda params, opt, batch, *inputs: (
+        shapes.append(batch.responses.shape) or update(params, opt, batch, *inputs))
     trainer.grpo_step(full)
     assert shapes == [(4, 2, 64)]
