@@ -293,7 +293,7 @@ def mesh_rows(model_dir: Path, mesh_shape: tuple[int, int, int], shape: Shape,
 
 
 def mesh_main(args) -> str:
-    from reczero_jax.plan import simulated_devices
+    from reczero_jax.plan_compiled import simulated_devices
 
     meshes = [parse_mesh(text) for text in args.mesh]
     simulated_devices(max(d * f * t for d, f, t in meshes))  # before jax starts its backends

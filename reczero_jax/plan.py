@@ -551,89 +551,6 @@ def update_collectives(model_config, shape: RunShape) -> dict[str, float]:
     return result
 
 
-def simulated_devices(count: int) -> list:
-    """``count`` CPU devices for compiling (never running) a slice's programs; works when jax's
-    backends have not started yet, else needs XLA_FLAGS set before jax was imported."""
-    import jax
-
-    try:
-        jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
-    except RuntimeError:  # backends already initialised: use what there is
-        pass
-    devices = jax.devices("cpu")
-    if len(devices) < count:
-        raise ValueError(f"--compile needs {count} simulated CPU devices, jax has "
-                         f"{len(devices)}: set XLA_FLAGS=--xla_force_host_platform_device_count="
-                         f"{count} before jax is imported")
-    return devices[:count]
-
-
-def compiled_rollout(model_config, shape: RunShape) -> dict[str, dict]:
-    """XLA's view of the sampler's programs for ``shape`` on a simulated CPU mesh: per program
-    (reshard, prefill, decode) its collective bytes by kind and its memory analysis."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from reczero_jax.collectives import collective_bytes
-    from reczero_jax.mesh import make_mesh
-    from reczero_jax.models.decoder import Decoder
-    from reczero_jax.sampling import compile_rollout
-
-    dtypes = {4: jnp.float32, 2: jnp.bfloat16}
-    mesh = make_mesh(shape.data, shape.fsdp, shape.tensor,
-                     devices=simulated_devices(shape.devices))
-    model = nnx.eval_shape(lambda: Decoder(
-        model_config, dtype=dtypes[shape.compute_bytes], param_dtype=dtypes[shape.param_bytes],
-        rngs=nnx.Rngs(0), mesh=mesh, remat=shape.remat))
-    programs = compile_rollout(model, batch=shape.prompts_per_step,
-                               prompt_length=shape.sample_prompt_tokens,
-                               num_samples=shape.group_size, max_new_tokens=shape.new_tokens)
-    return {name: {"collectives": collective_bytes(program.as_text()),
-                   "memory": program.memory_analysis()} for name, program in programs.items()}
-
-
-def format_collectives(model_config, shape: RunShape, tpu: TpuSlice, compiled: dict) -> str:
-    """Collective bytes per chip of each program, as time at the slice's bandwidths."""
-    from reczero_jax.collectives import format_bytes
-
-    hbm, ici = BANDWIDTH[tpu.generation]
-    one_way = None if ici is None else ici / 2
-
-    def seconds(total: float) -> str:
-        return "no ICI figure" if one_way is None else f"{total / one_way * 1e3:9.2f} ms"
-
-    lines = [f"collectives per chip (XLA, simulated CPU mesh of {shape.devices} devices; time "
-             f"at {tpu.generation} ICI {'n/a' if ici is None else f'{one_way / 1e9:.0f} GB/s'}"
-             f" one way, HBM {hbm / 1e9:.0f} GB/s)"]
-    rows = []
-    for name, label, factor in (("reshard", "reshard (once per rollout)", 1.0),
-                                ("prefill", "prefill", 1.0),
-                                ("decode", "decode, per token", 1 / shape.new_tokens),
-                                ("decode", f"decode, {shape.new_tokens} tokens", 1.0)):
-        if name in compiled:
-            bytes_ = compiled[name]["collectives"].scaled(factor)
-            rows.append((label, bytes_.by_kind, bytes_.total))
-    update = {k: v * 1.0 for k, v in update_collectives(model_config, shape).items()}
-    rows.append(("update (ZeRO-3 formula)", update, sum(update.values())))
-    for label, by_kind, total in rows:
-        lines.append(f"  {label:<28} {seconds(total)}   {format_bytes(by_kind)}")
-    sampler = sampling_layout(model_config, shape.data, shape.fsdp, shape.tensor)
-    weights = (sampler.copy_elements * shape.compute_bytes if sampler.rollout
-               else param_shard_elements(model_config, shape.data, shape.fsdp, shape.tensor)
-               * shape.param_bytes)
-    caches = estimate(model_config, shape).terms
-    cache_bytes = (caches["prompt KV cache"]["decode"] + caches["response KV caches"]["decode"])
-    lines.append(f"  decode HBM floor per token   {(weights + cache_bytes) / hbm * 1e3:9.2f} ms"
-                 f"   reads weights {weights / GIB:.2f} GiB + KV caches {cache_bytes / GIB:.2f} GiB")
-    lines.extend(f"  note: {note}" for note in sampler.notes)
-    lines.append("XLA memory analysis per chip (GiB: arguments, temporaries, outputs):")
-    for name, result in compiled.items():
-        memory = result["memory"]
-        lines.append(f"  {name:<8} {memory.argument_size_in_bytes / GIB:8.2f} "
-                     f"{memory.temp_size_in_bytes / GIB:8.2f} "
-                     f"{memory.output_size_in_bytes / GIB:8.2f}")
-    return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -687,7 +604,12 @@ def _plan(args: argparse.Namespace) -> int:
     shape, tpu = RunShape.from_config(config), parse_slice(args.tpu_slice)
     print(format_plan(model_config, source, shape, tpu))
     if args.compile:
-        from reczero_jax.plan_compiled import compiled_update, format_compiled_update
+        from reczero_jax.plan_compiled import (
+            compiled_rollout,
+            compiled_update,
+            format_collectives,
+            format_compiled_update,
+        )
 
         print(format_collectives(model_config, shape, tpu, compiled_rollout(model_config, shape)))
         print(format_compiled_update(model_config, shape, tpu,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reczero_jax import plan
+from reczero_jax import plan, plan_compiled
 from reczero_jax.config import GRPOConfig, OptimConfig, load_config
 from reczero_jax.mesh import make_mesh
 from reczero_jax.models import Decoder, ModelConfig
@@ -120,14 +120,12 @@ def test_formula_matches_the_compiled_update_per_attention(attention, chunk):
     4096 prompt tokens to keep each compile near a minute here). At P = 4096, R = 1024 on this
     decoder XLA gives 5.90 GiB materialized, 0.83 blockwise, 0.81 blockwise with chunks of
     256, and this formula 6.03, 1.11, 0.74 (ratios 1.02, 1.33, 0.91)."""
-    from reczero_jax.plan_compiled import compiled_update
-
     shape = plan.RunShape(
         prompts_per_step=1, group_size=8, prompt_tokens=2048, sample_prompt_tokens=2048,
         new_tokens=512, micro_batches=1, remat=False, compute_bytes=4, param_bytes=4,
         reference_model=False, eval_batch_size=1, eval_new_tokens=512, data=1, fsdp=1,
         tensor=1, attention=attention, logprob_chunk=chunk)
-    measured = compiled_update(MEDIUM, shape)["peak_bytes"]
+    measured = plan_compiled.compiled_update(MEDIUM, shape)["peak_bytes"]
     ratio = plan.estimate(MEDIUM, shape).total("update") / measured
     assert 1 / 1.5 <= ratio <= 1.5, ratio
 
@@ -296,7 +294,7 @@ def test_compile_reports_collectives_memory_and_time(tmp_path, capsys):
 
     small = ModelConfig.from_hf(config)
     shape = plan.RunShape.from_config(load_config(PAPER.format("v5p-8"), list(overrides)))
-    compiled = plan.compiled_rollout(small, shape)
+    compiled = plan_compiled.compiled_rollout(small, shape)
     param_bytes = plan.param_shard_elements(small, 1, 1, 1) * shape.param_bytes
     per_token = compiled["decode"]["collectives"].by_kind["all-gather"] / shape.new_tokens
     assert per_token < 0.05 * param_bytes
