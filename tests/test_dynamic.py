@@ -1,6 +1,13 @@
 """Dynamic sampling (grpo.dynamic_sampling): which groups are informative, which are kept and in
-what order, rounds until enough are, prompts of several rounds re-padded to the longest, and the
-settings' checks. The loop-level tests: tests/test_loop.py and tests/test_resume.py."""
+what order, rounds until enough are, prompts of several rounds re-padded to the longest, the
+same selection gathered from global arrays across two processes, and the settings' checks. The
+loop-level tests: tests/test_loop.py and tests/test_resume.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,18 +15,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reczero_jax import grpo
+from reczero_jax import distributed, grpo
 from reczero_jax import mesh as meshlib
 from reczero_jax.config import GRPOConfig, load_config
 from reczero_jax.policy import response_hidden, token_stats
 from reczero_jax.train.dynamic import left_padded_prompts, sample_informative
-from tests.helpers import G, P, fake_rollout, tiny_model
+from tests import multiprocess_worker as worker
+from tests.helpers import G, P, fake_rollout, free_port, tiny_model, wait_for
 
 PAD = 0
 
 
 def test_a_group_is_informative_when_its_values_are_not_all_equal():
-    rewards = np.array([[-1.0, -1.0], [0.5, -1.0], [0.25, 0.25], [1.0, 1.0 + 1e-7]], np.float32)
+    rewards = np.array([[-1.0, -1.0], [0.5, -1.0], [0.25, 0.25], [1.0, 1.0 + 1e-6]], np.float32)
     np.testing.assert_array_equal(grpo.informative_groups(rewards), [False, True, False, True])
     flags = np.array([[True, True, True], [False, True, False], [False, False, False]])
     np.testing.assert_array_equal(grpo.informative_groups(flags), [False, True, False])
@@ -125,6 +133,63 @@ def test_rounds_sharded_over_a_mesh_are_gathered_on_device():
     assert sampled.scored.prompt_ids.shape == (4, P + 4)
 
 
+# --- several processes: the same selection everywhere, gathered from global arrays ----------
+
+MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def global_rounds(mesh):
+    """``sample_round`` for this process: round k's rollout (8 groups: those k, k+3, k+6 of
+    equal rewards; round 1's prompts 4 tokens longer) and ratings, each process feeding its
+    block of the global arrays."""
+    index, count = distributed.process_batch_share(mesh)
+    rows = slice(index * worker.B // count, (index + 1) * worker.B // count)
+
+    def sample_round(k):
+        scored = worker.synthetic_rollout(k, 96)
+        rewards = scored.rewards.copy()
+        rewards[k::3] = -1.0
+        scored = scored._replace(rewards=rewards)
+        if k:
+            pad = ((0, 0), (4, 0))
+            scored = scored._replace(prompt_ids=np.pad(scored.prompt_ids, pad, constant_values=PAD),
+                                     prompt_mask=np.pad(scored.prompt_mask, pad))
+        truths = np.arange(worker.B, dtype=np.float32) + 100 * k
+        return distributed.global_batch(jax.tree.map(lambda x: x[rows], (scored, truths)), mesh)
+
+    return sample_round
+
+
+def selected(mesh) -> dict:
+    """The selection of 8 groups out of two rounds of ``global_rounds``, as host lists."""
+    sampled = sample_informative(global_rounds(mesh), 8, GRPOConfig(
+        dynamic_sampling=True, max_sampling_rounds=2), PAD)
+    truths, ids, advantages = distributed.to_host((sampled.truths, sampled.scored.prompt_ids,
+                                                   sampled.scored.advantages))
+    return {"counts": sampled.counts, "truths": truths.tolist(), "prompt_ids": ids.tolist(),
+            "advantages": advantages.tolist()}
+
+
+@pytest.mark.slow
+def test_two_processes_select_and_gather_the_groups_like_one():
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    for name in distributed.ENV.values():
+        env.pop(name, None)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "tests.test_dynamic", f"localhost:{port}", str(index)],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    expected = selected(meshlib.make_mesh(**MESH))  # this process's 8 devices
+    assert expected["counts"] == {"groups_kept": 8, "groups_dropped": 8, "sampling_rounds": 2,
+                                  "prompts_consumed": 16}
+    assert expected["truths"] == [1, 2, 4, 5, 7, 100, 102, 103]
+    for output in wait_for(procs, timeout=300):
+        result = json.loads(output.strip().splitlines()[-1])
+        assert result == expected
+
+
 def test_extra_left_padding_of_the_prompts_leaves_the_policy_log_probs_unchanged():
     """What re-padding a round's prompts to a longer round's relies on: the update's
     log-probs of the responses (positions come from the mask)."""
@@ -157,3 +222,8 @@ def test_dynamic_sampling_settings_are_checked_when_the_config_loads(overrides, 
                                 "grpo.dynamic_sampling_metric=format"])
     assert (config.grpo.dynamic_sampling, config.grpo.max_sampling_rounds,
             config.grpo.dynamic_sampling_metric) == (True, 2, "format")
+
+
+if __name__ == "__main__":  # one process of test_two_processes_select_and_gather_the_groups_like_one
+    distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+    print(json.dumps(selected(meshlib.make_mesh(**MESH))))
