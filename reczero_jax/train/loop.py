@@ -418,7 +418,8 @@ class Session:
 
     def train_grpo(self, phase: Phase, model, resume: bool, guard: PreemptionGuard):
         """GRPO: rollout (sample G answers per prompt, token rewards, advantages) then update;
-        arguments and result as ``warm_start``'s."""
+        with ``grpo.dynamic_sampling`` rounds of rollouts until the step has enough informative
+        groups (``train.dynamic``). Arguments and result as ``warm_start``'s."""
         config = self.config
         # The KL reference is the policy GRPO starts from: the base model, or the SFT result
         # (the trainer keeps a frozen copy); a resumed RecOne reads the latter from the last
