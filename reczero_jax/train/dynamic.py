@@ -4,8 +4,9 @@ round after round of prompts until ``train.prompts_per_step`` of its groups are 
 ``grpo.max_sampling_rounds`` rounds ran, then updates on exactly ``prompts_per_step`` groups:
 the informative ones first in the order drawn, filled up, when rounds ran out, with dropped
 ones (``grpo.filled_selection``). A group of equal rewards has zero advantage, so a filled-up
-group moves the policy by no policy-gradient term; the batch keeps its shape, so the jitted
-update is not compiled again and the batch still splits over the mesh.
+group moves the policy by no policy-gradient term (by the ``format`` metric, a group of equal
+format flags may still have reward spread, and then does); the batch keeps its shape, so the
+jitted update is not compiled again and the batch still splits over the mesh.
 
 Shapes: B_k prompts in round k, G samples per prompt, P_k round k's prompt length (a
 ``data.padding.PROMPT_BUCKETS`` length, so rounds may differ), R = ``grpo.max_new_tokens``.
