@@ -33,6 +33,8 @@ LAYOUTS = ("chat", "user", "raw")  # prompts.encode_prompt
 REWARDS = ("rating", "exact", "think_answer", "answer_only")  # rewards.host.VARIANTS
 DATA_SUBSETS = ("random", "first")  # data.subset: how data.train_samples are chosen
 FINAL_POLICIES = ("last", "best_val")  # train.final_policy
+# grpo.dynamic_sampling_metric: the per-sample values whose spread makes a group informative.
+SAMPLING_METRICS = ("reward", "format")
 ATTENTIONS = ("auto", "materialized", "blockwise", "splash", "cudnn")  # models.attention
 # Dtype names of model.dtype / model.param_dtype (and --dtype flags) and their bytes per
 # element; ``models.dtypes.JAX_DTYPES`` maps the same names to jax dtypes.
@@ -84,6 +86,15 @@ class GRPOConfig:
     # only [B, G, chunk, V] float32 logits live at once, recomputed in the backward. 0: all R
     # positions at once. The same for SFT's loss.
     logprob_chunk: int = 0
+    # DAPO's dynamic sampling ("filter groups", train.dynamic): a group whose samples all got
+    # the same reward (or all the same format flag, dynamic_sampling_metric) has zero
+    # advantage and moves nothing, so it is dropped and further prompts are sampled, round
+    # after round, until train.prompts_per_step groups are informative or max_sampling_rounds
+    # rounds ran; then dropped groups fill the batch up (still zero advantage), which keeps its
+    # shape.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    dynamic_sampling_metric: str = "reward"  # SAMPLING_METRICS
 
 
 @dataclasses.dataclass
@@ -178,6 +189,7 @@ CHOICES = {
     "grpo.estimator": ESTIMATORS,
     "grpo.loss_agg": LOSS_AGGREGATIONS,
     "grpo.kl_kind": KL_KINDS,
+    "grpo.dynamic_sampling_metric": SAMPLING_METRICS,
     "train.reward": REWARDS,
     "train.final_policy": FINAL_POLICIES,
 }
@@ -232,6 +244,9 @@ def check_config(config: ExperimentConfig) -> None:
     if config.grpo.logprob_chunk < 0:
         raise ValueError(f"grpo.logprob_chunk={config.grpo.logprob_chunk} must be >= 0 "
                          "(0: unchunked; e.g. 256 positions per chunk)")
+    if config.grpo.max_sampling_rounds < 1:
+        raise ValueError(f"grpo.max_sampling_rounds={config.grpo.max_sampling_rounds} must be "
+                         ">= 1 (the rounds of prompts grpo.dynamic_sampling may sample per step)")
     check_lora(config.model.lora)
     shards = config.mesh.data * config.mesh.fsdp
     if config.algorithm in ("reczero", "recone"):

@@ -1,4 +1,5 @@
-"""GRPO maths as pure functions: advantages, clipped policy loss, KL penalties, SFT loss.
+"""GRPO maths as pure functions: advantages, clipped policy loss, KL penalties, SFT loss,
+and dynamic sampling's choice of informative groups.
 
 Shapes: N sequences (prompts x group size, each group's G samples contiguous), T token
 positions, V vocabulary entries. ``mask`` is [N, T]; a non-zero entry marks a response token
@@ -25,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from reczero_jax.config import ESTIMATORS, KL_KINDS, LOSS_AGGREGATIONS
 
@@ -93,6 +95,31 @@ def group_advantages(rewards: jax.Array, group_size: int, estimator: str = "grpo
         adv = grouped - others_mean
     constant = grouped.max(axis=1, keepdims=True) == grouped.min(axis=1, keepdims=True)
     return jnp.where(constant, 0.0, adv).reshape(-1)
+
+
+def informative_groups(values) -> np.ndarray:
+    """Whether each group's values [B, G] (rewards, or format flags) are not all equal -> bool
+    [B]. A group of equal values has zero advantage under every estimator
+    (``group_advantages``), so it moves the policy by no policy-gradient term: DAPO's dynamic
+    sampling drops it. Host (numpy) values: the selection they decide must be the same in
+    every process."""
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"values must be [B, G] (prompts x samples); got shape {values.shape}")
+    return values.max(axis=1) != values.min(axis=1)
+
+
+def filled_selection(informative, count: int) -> np.ndarray:
+    """Row indices [count] (int32) into groups drawn in order, whose flags ``informative`` [N]
+    say which have spread: the first ``count`` informative ones in the order drawn, then, when
+    fewer than ``count`` are, the uninformative ones in the order drawn to fill up (zero
+    advantage: they keep the batch's shape without moving the policy)."""
+    informative = np.asarray(informative, dtype=bool)
+    if informative.ndim != 1 or not 0 < count <= informative.shape[0]:
+        raise ValueError(f"cannot select {count} groups out of {informative.shape} drawn; draw "
+                         "at least as many groups as are selected")
+    order = np.concatenate([np.flatnonzero(informative), np.flatnonzero(~informative)])
+    return order[:count].astype(np.int32)
 
 
 def masked_aggregate(

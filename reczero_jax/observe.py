@@ -307,12 +307,13 @@ def matmul_parameters(config) -> int:
 
 
 def grpo_step_flops(config, grpo: GRPOConfig, prompts: int, prompt_tokens: int,
-                    response_tokens: int) -> float:
+                    response_tokens: int, sampling_rounds: int = 1) -> float:
     """Model FLOPs of one GRPO step on the padded shapes it computes (``model_flops`` with
     N = ``matmul_parameters(config)``), B prompts of P tokens, G = ``grpo.group_size`` responses
-    of R tokens, U = ``grpo.updates_per_rollout``:
+    of R tokens, U = ``grpo.updates_per_rollout``, K = ``sampling_rounds`` (dynamic sampling's
+    rounds, each of B prompts, counted at the updated batch's P, the longest of theirs):
 
-        sampling, forward:            B P + B G R tokens (each prompt prefilled once)
+        sampling, forward:            K (B P + B G R) tokens (each prompt prefilled once)
         each update, trained:         B P' + B G R tokens, P' = P with ``grpo.shared_prompt``
                                       (the prompt once per group), else G P
         each update, reference (KL):  the same tokens forward, when ``grpo.kl_coef`` is not 0
@@ -320,7 +321,8 @@ def grpo_step_flops(config, grpo: GRPOConfig, prompts: int, prompt_tokens: int,
     group, updates = grpo.group_size, grpo.updates_per_rollout
     responses = prompts * group * response_tokens
     updated = prompts * prompt_tokens * (1 if grpo.shared_prompt else group) + responses
-    forward = prompts * prompt_tokens + responses + (updates * updated if grpo.kl_coef else 0)
+    forward = (sampling_rounds * (prompts * prompt_tokens + responses)
+               + (updates * updated if grpo.kl_coef else 0))
     return model_flops(matmul_parameters(config), trained_tokens=updates * updated,
                        forward_tokens=forward)
 

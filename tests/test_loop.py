@@ -3,11 +3,13 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from reczero_jax import evaluate as evaluation
+from reczero_jax import grpo
 from reczero_jax.cli import main
 from reczero_jax.config import load_config, save_config
 from reczero_jax.models import from_pretrained
@@ -171,6 +173,55 @@ def test_best_validated_step_is_saved_when_it_happens_and_exported(
         np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
         jax.tree.leaves(nnx.state(best)), jax.tree.leaves(nnx.state(last)), strict=True))
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_updates_on_full_batches_of_informative_groups(
+        tiny_model_dir, small_ml100k, tmp_path, monkeypatch):
+    """Most groups have zero reward spread (scripted: of the groups in the order drawn, every
+    third has spread, the rest all -1): with grpo.dynamic_sampling each step samples further
+    rounds, updates on train.prompts_per_step groups, the informative ones first and dropped
+    ones filling up when rounds run out, and logs the counts."""
+    rollout, drawn = loop.rollout, []
+
+    def scripted_rollout(*args, **kwargs):
+        scored = rollout(*args, **kwargs)
+        batch, group = scored.rewards.shape
+        spread = np.arange(len(drawn), len(drawn) + batch) % 3 == 0
+        drawn.extend(spread)
+        rewards = jnp.asarray(np.where(spread[:, None], np.linspace(-1, 1, group), -1.0),
+                              jnp.float32)
+        return scored._replace(rewards=rewards, advantages=grpo.group_advantages(
+            rewards.reshape(-1), group).reshape(batch, group))
+
+    updated = []
+
+    class RecordedTrainer(loop.Trainer):
+        def grpo_updates(self, rollout_batch):
+            updated.append(jax.device_get((rollout_batch.rewards, rollout_batch.advantages)))
+            return super().grpo_updates(rollout_batch)
+
+    monkeypatch.setattr(loop, "rollout", scripted_rollout)
+    monkeypatch.setattr(loop, "Trainer", RecordedTrainer)
+    run_dir = tmp_path / "run"
+    run(load_config(None, tiny_reczero(run_dir, tiny_model_dir, small_ml100k, "train.steps=3",
+                                       "grpo.dynamic_sampling=true",
+                                       "grpo.max_sampling_rounds=2")))
+
+    grpo_rows = [row for row in map(json.loads, (run_dir / "metrics.jsonl").open())
+                 if row["phase"] == "grpo"]
+    # Groups drawn 0-3: 0 and 3 have spread (enough); 4-7: only 6; 8-11: only 9 (filled up).
+    assert [(r["sampling_rounds"], r["groups_kept"], r["groups_dropped"], r["prompts_consumed"])
+            for r in grpo_rows] == [(2, 2, 2, 4), (2, 1, 3, 4), (2, 1, 3, 4)]
+    assert len(drawn) == 12
+    assert len(updated) == 3
+    for row, (rewards, advantages) in zip(grpo_rows, updated, strict=True):
+        assert rewards.shape == advantages.shape == (2, 2)  # train.prompts_per_step groups
+        kept = int(row["groups_kept"])
+        assert grpo.informative_groups(rewards[:kept]).all() and advantages[:kept].all()
+        assert not grpo.informative_groups(rewards[kept:]).any() and not advantages[kept:].any()
+        assert row["reward_mean"] == pytest.approx(rewards.mean())  # of the updated batch
+        assert row["grad_norm"] > 0
 
 
 @pytest.mark.parametrize("overrides, message", [

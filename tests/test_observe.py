@@ -165,6 +165,9 @@ def test_matmul_parameters_and_grpo_step_flops_by_hand():
     # Sampling: 20 + 24 forward; update (shared prompt): 20 + 24 trained.
     grpo = GRPOConfig(group_size=3)
     assert grpo_step_flops(config, grpo, 2, 10, 4) == 6 * n * 44 + 2 * n * 44
+    # Dynamic sampling's three rounds sample three times, update once.
+    assert grpo_step_flops(config, grpo, 2, 10, 4, sampling_rounds=3) == (
+        6 * n * 44 + 2 * n * 3 * 44)
     # Prompt repeated per response, two updates, a KL reference forward per update.
     grpo = GRPOConfig(group_size=3, shared_prompt=False, updates_per_rollout=2, kl_coef=0.1)
     trained = 2 * (60 + 24)

@@ -81,19 +81,24 @@ def final_state(run_dir, step):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [(), ("model.lora.rank=4", "grpo.kl_coef=0.01")],
-                         ids=["full", "lora"])
+@pytest.mark.parametrize("variant", [(), ("model.lora.rank=4", "grpo.kl_coef=0.01"),
+                                     ("grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=2")],
+                         ids=["full", "lora", "dynamic_sampling"])
 def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_dir,
-                                                          small_ml100k, lora):
-    """Also with LoRA (adapters alone checkpointed, the frozen base as the KL reference)."""
+                                                          small_ml100k, variant):
+    """Also with LoRA (adapters alone checkpointed, the frozen base as the KL reference), and
+    with dynamic sampling (its rounds advance the data iterator and fold the RNG)."""
+    lora = "model.lora.rank=4" in variant
+
     def overrides(run_dir):
         return tiny_run(run_dir, tiny_model_dir, small_ml100k, "algorithm=reczero",
                         "train.steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=3",
                         "train.eval_every=2",
                         # The random tiny model never answers in format, so every reward is -1
                         # and every advantage 0: an entropy bonus gives gradients that depend
-                        # on each step's batch and samples.
-                        "grpo.entropy_coef=0.01", *lora)
+                        # on each step's batch and samples. (Dynamic sampling then runs all its
+                        # rounds and updates on groups that filled up.)
+                        "grpo.entropy_coef=0.01", *variant)
 
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight = start_train(tmp_path, "straight", overrides(straight_dir))
@@ -126,6 +131,9 @@ def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_
     assert all(r["grad_norm"] > 0 for r in grpo_rows)
     assert len({r["loss"] for r in grpo_rows}) > 1 and len({r["prompt_tokens"] for r in grpo_rows}) > 1
     assert (killed_dir / "eval.json").read_text().count("after GRPO") == 1
+    if "grpo.dynamic_sampling=true" in variant:
+        assert all((r["sampling_rounds"], r["groups_kept"], r["prompts_consumed"]) == (2, 0, 4)
+                   for r in grpo_rows)
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ SIGTERM (a preemption notice): the current step finishes, is saved, and ``run`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -74,6 +75,7 @@ from reczero_jax.observe import (
     scalar_metrics,
 )
 from reczero_jax.train.checkpoint import Checkpointer, PreemptionGuard, Restored, check_compatible
+from reczero_jax.train.dynamic import sample_informative
 from reczero_jax.train.export import checkpoint_directory, export_model
 from reczero_jax.train.step import Trainer, rollout
 
@@ -416,7 +418,8 @@ class Session:
 
     def train_grpo(self, phase: Phase, model, resume: bool, guard: PreemptionGuard):
         """GRPO: rollout (sample G answers per prompt, token rewards, advantages) then update;
-        arguments and result as ``warm_start``'s."""
+        with ``grpo.dynamic_sampling`` rounds of rollouts until the step has enough informative
+        groups (``train.dynamic``). Arguments and result as ``warm_start``'s."""
         config = self.config
         # The KL reference is the policy GRPO starts from: the base model, or the SFT result
         # (the trainer keeps a frozen copy); a resumed RecOne reads the latter from the last
@@ -448,18 +451,34 @@ class Session:
         pad_id = default_pad_id(self.tokenizer)
         peak_flops = platform_peak_flops(self.mesh.devices.flat)  # None: no MFU (e.g. CPU)
 
-        def step_fn(phase_step: int, step: int) -> dict[str, Any]:
+        def sample_round(phase_step: int, round_index: int):
+            """Round ``round_index`` of the step's rollouts: the next batch of prompts, sampled
+            and scored; (Rollout, true ratings [B]). Its RNG: the step's key, folded with the
+            round from the second round on (the first is the step's, as without rounds)."""
             local = next(batches)  # this process's rows of the global batch
-            began = time.perf_counter()
             batch = distributed.global_batch(
                 {"prompt_ids": local["prompt_ids"], "prompt_mask": local["prompt_mask"],
                  "rating": local["rating"].astype(np.float32)}, self.mesh)
+            rng = jax.random.fold_in(key, phase_step)
+            if round_index:
+                rng = jax.random.fold_in(rng, round_index)
             scored = rollout(trainer.model, self.reward_fn, batch["prompt_ids"],
-                             batch["prompt_mask"], batch["rating"],
-                             jax.random.fold_in(key, phase_step), config.grpo,
+                             batch["prompt_mask"], batch["rating"], rng, config.grpo,
                              eos_ids=self.eos_ids, pad_id=pad_id)
+            return scored, batch["rating"]
+
+        def step_fn(phase_step: int, step: int) -> dict[str, Any]:
+            began = time.perf_counter()
+            sample = functools.partial(sample_round, phase_step)
+            counts = {}
+            if config.grpo.dynamic_sampling:
+                # The metrics below (reward_mean, sample_mae, ...) describe the updated batch.
+                scored, ratings, counts = sample_informative(
+                    sample, config.train.prompts_per_step, config.grpo, pad_id)
+            else:
+                scored, ratings = sample(0)
             jax.block_until_ready(scored)
-            rollout_seconds = time.perf_counter() - began
+            rollout_seconds = time.perf_counter() - began  # every round's
             if phase_step == start + 1 and config.optim.memory_budget_gib:
                 # Compiles the update once more, ahead of time: only when a budget asks for it.
                 report = trainer.check_memory(scored)
@@ -467,12 +486,13 @@ class Session:
                       f"(XLA's estimate), within optim.memory_budget_gib="
                       f"{config.optim.memory_budget_gib:g}")
             metrics = trainer.grpo_updates(scored)  # grpo.updates_per_rollout of them
-            metrics.update(rollout_metrics(scored, batch["rating"]),
+            metrics.update(rollout_metrics(scored, ratings), **counts,
                            rollout_seconds=rollout_seconds,
                            update_seconds=time.perf_counter() - began - rollout_seconds)
             if peak_flops:
                 flops = grpo_step_flops(model.config, config.grpo, *scored.prompt_ids.shape,
-                                        scored.responses.shape[-1])
+                                        scored.responses.shape[-1],
+                                        sampling_rounds=counts.get("sampling_rounds", 1))
                 metrics["mfu"] = mfu_estimate(flops, time.perf_counter() - began, peak_flops)
             self.log.write("grpo", step, metrics)
             if config.train.eval_every and phase_step % config.train.eval_every == 0:
