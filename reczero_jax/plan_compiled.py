@@ -15,6 +15,9 @@ smaller).
 
 from __future__ import annotations
 
+import os
+import re
+
 from reczero_jax.config import DTYPE_BYTES
 from reczero_jax.plan import (
     BANDWIDTH,
@@ -41,11 +44,16 @@ def dtype_of(bytes_per_element: int):
 
 def simulated_devices(count: int) -> list:
     """``count`` CPU devices for compiling (never running) a slice's programs; works when jax's
-    backends have not started yet, else needs XLA_FLAGS set before jax was imported."""
+    backends have not started yet, else needs XLA_FLAGS set before jax was imported. Never
+    fewer devices than XLA_FLAGS asks for: ``jax_num_cpu_devices`` overrides the flag, and
+    whatever runs next in this process (a test suite's other tests) may count on it."""
     import jax
 
+    flagged = re.search(r"--xla_force_host_platform_device_count=(\d+)",
+                        os.environ.get("XLA_FLAGS", ""))
+    wanted = max(count, jax.config.jax_num_cpu_devices, int(flagged[1]) if flagged else 1)
     try:
-        jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
+        jax.config.update("jax_num_cpu_devices", wanted)
     except RuntimeError:  # backends already initialised: use what there is
         pass
     devices = jax.devices("cpu")

@@ -3,6 +3,9 @@
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -365,3 +368,15 @@ def test_lora_plan_counts_adapters_their_moments_and_no_reference_copy():
     lora_state = sum(terms[n]["update"] for n in resident if n in terms)
     full_state = sum(full[n]["update"] for n in resident if n in full)
     assert lora_state < full_state / 7
+
+
+def test_simulated_devices_never_cut_what_xla_flags_ask_for():
+    """Run first in a process (before jax's backends start), a one-chip ``--compile`` must not
+    leave that process with fewer devices than XLA_FLAGS gave it."""
+    script = ("from reczero_jax.plan_compiled import simulated_devices; import jax; "
+              "simulated_devices(1); print(len(jax.devices()))")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split()[-1] == "8"
