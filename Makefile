@@ -21,7 +21,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check reczero_jax tests benchmarks
 
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=25
 
 demo: $(STAMP)
 	$(VENV)/bin/reczero demo
