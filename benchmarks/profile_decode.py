@@ -51,8 +51,12 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
     computation (containers like ``while`` map to kind ``None``)."""
     tables = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
     section = None
-    ops = {}
+    ops, with_dot, computation = {}, set(), None
     for line in text.splitlines():
+        if line.startswith("%") or line.startswith("ENTRY"):
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        if " dot(" in line:
+            with_dot.add(computation)
         if line in tables:
             section = line
             continue
@@ -67,7 +71,9 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
         elif m := _OP.match(line):
             frame = re.search(r"stack_frame_id=(\d+)", line)
             op_name = re.search(r'op_name="([^"]*)"', line)
-            ops[m[1]] = (frame[1] if frame else None, op_name[1] if op_name else "")
+            calls = re.search(r"calls=%([\w.\-]+)", line)
+            ops[m[1]] = (frame[1] if frame else None, op_name[1] if op_name else "",
+                         calls[1] if calls else None)
 
     def function(frame: str | None) -> str:
         seen = set()
@@ -80,14 +86,17 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
             frame = parent
         return "(no project frame)"
 
-    return {name: (function(frame), op_kind(name, op_name)) for name, (frame, op_name) in ops.items()}
+    return {name: (function(frame), op_kind(name, op_name, calls in with_dot))
+            for name, (frame, op_name, calls) in ops.items()}
 
 
-def op_kind(name: str, op_name: str) -> str | None:
+def op_kind(name: str, op_name: str, fuses_dot: bool = False) -> str | None:
+    """The kind of op ``name`` (None: a loop or call, whose body ops are counted instead);
+    ``fuses_dot``: it is a fusion whose computation holds a dot (some carry no metadata)."""
     last = op_name.rsplit("/", 1)[-1]
     if name.split(".")[0] in ("while", "call", "conditional"):
         return None
-    if last == "dot_general":
+    if last == "dot_general" or fuses_dot:
         return "matmul"
     if "dynamic-update-slice" in name:
         return "in-place write"

@@ -103,10 +103,10 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
     Why not ``jnp.argmax``: XLA's CPU backend fuses the producer of ``x`` into argmax's one
     (value, index) reduction, which it runs without vectorising. In the sampler that producer
-    is the Gumbel noise (two logs per vocabulary entry), and the fused argmax took 34 ms of a
-    decode step over 8 x 49,152 logits on a busy 2-core CPU; split like this, the noise is one
-    vectorised pass and sampling a step 5x faster (``benchmarks/PROFILE.md``). Elsewhere it
-    reads the [.., V] scores once more, which is small beside the LM head that made them.
+    is the Gumbel noise (two logs per vocabulary entry): over 8 x 49,152 logits the fused
+    argmax took 19.3 ms of a SmolLM2 decode step on a busy 2-core CPU, split like this the
+    noise and the two reductions 4.6 ms (``benchmarks/PROFILE.md``). Elsewhere it reads the
+    [.., V] scores once more, which is small beside the LM head that made them.
     """
     peak = x.max(axis=-1, keepdims=True)
     hit = (x == peak) | jnp.isnan(x)

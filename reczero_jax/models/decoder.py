@@ -45,7 +45,7 @@ class KVCache(NamedTuple):
 # slice is then laid out as the decode step's two attention dots take their right-hand
 # operands on XLA's CPU backend (batched over B, G, K; the contracted dimension minor: D for
 # the scores, R for the weighted values). With [.., R, K, D] buffers it copied every layer's
-# cache transposed at every step (12 MB and 5% of a SmolLM2 step at R = 128, growing with R;
+# cache transposed at every step (47 MB, 5% of a SmolLM2 step at R = 128, growing with R;
 # benchmarks/PROFILE.md).
 RESPONSE_CACHE_AXES = KVCache(("layers", "batch", None, "kv_heads", None, "head_dim"),
                               ("layers", "batch", None, "kv_heads", "head_dim", None))
