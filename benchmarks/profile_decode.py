@@ -225,7 +225,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--top", type=int, default=14, help="rows per table")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
-    work = tempfile.mkdtemp(prefix="profile_")
+    with tempfile.TemporaryDirectory(prefix="profile_") as work:
+        return profile(args, work)
+
+
+def profile(args, work: str) -> str:
+    """The report of ``main``; ``work`` holds the HLO dump and the traces."""
     # Before jax starts: the optimized HLO of each program, to name the traced ops.
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
                                                      DUMP_FLAGS.format(work + "/hlo")]))
@@ -259,7 +264,6 @@ def main(argv: list[str] | None = None) -> str:
             + breakdown_table(rows, total, 1e3 * wall / per, args.top))
         print(sections[-1], flush=True)
     return emit_report("\n\n".join(sections), args.out)
-
 
 if __name__ == "__main__":
     main()
