@@ -7,9 +7,10 @@ V vocab, L layers, K kv heads, D head dim.
 * ``prefill``: one causal pass over the left-padded prompts -> prompt cache [L, B, P, K, D]
   and the last prompt position's logits [B, V].
 * ``decode``: a ``lax.while_loop`` over response positions. Each step samples G tokens per
-  prompt, writes their keys/values into the response cache [L, B, G, R, K, D] and runs the
-  decoder on them. The response cache is created inside the jitted decode and lives only in
-  the loop carry, which XLA updates in place (no buffer crosses the jit boundary to donate).
+  prompt, writes their keys/values into the response cache (R positions per sample, laid out
+  as ``models.decoder.response_cache`` says) and runs the decoder on them. The response cache
+  is created inside the jitted decode and lives only in the loop carry, which XLA updates in
+  place (no buffer crosses the jit boundary to donate).
   Attention joins the shared prompt cache and the sample's own response cache in one softmax
   (see ``models.attention``).
   The loop ends when every sample has emitted an EOS id or R tokens.
@@ -47,11 +48,13 @@ from reczero_jax.mesh import (
     rollout_rules,
 )
 from reczero_jax.models.decoder import (
+    RESPONSE_CACHE_AXES,
     Decoder,
     KVCache,
     Prefix,
     causal_mask,
     positions_from_mask,
+    response_cache,
 )
 from reczero_jax.models.hf import stop_token_ids
 
@@ -93,6 +96,23 @@ def sample_keys(rng: jax.Array, step: jax.Array, rows: int, samples: int) -> jax
         row_keys)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, axis=-1)``, computed as two single-output reductions: the maximum, then
+    the smallest index holding it (a NaN counts as the maximum, as in ``jnp.argmax``), so the
+    same index on ties and NaNs.
+
+    Why not ``jnp.argmax``: XLA's CPU backend fuses the producer of ``x`` into argmax's one
+    (value, index) reduction, which it runs without vectorising. In the sampler that producer
+    is the Gumbel noise (two logs per vocabulary entry): over 8 x 49,152 logits the fused
+    argmax took 19.3 ms of a SmolLM2 decode step on a busy 2-core CPU, split like this the
+    noise and the two reductions 4.6 ms (``benchmarks/PROFILE.md``). Elsewhere it reads the
+    [.., V] scores once more, which is small beside the LM head that made them.
+    """
+    peak = x.max(axis=-1, keepdims=True)
+    hit = (x == peak) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1]), x.shape[-1]), axis=-1)
+
+
 def choose_tokens(logits: jax.Array, keys: jax.Array, temperature: float, top_k: int,
                   top_p: float) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row from logits [B, G, V]; returns tokens [B, G] and their log-probs.
@@ -103,12 +123,12 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, temperature: float, top_k:
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0.0:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens = first_argmax(logits)
         logp = jax.nn.log_softmax(logits, axis=-1)
     else:
         logp = jax.nn.log_softmax(filter_logits(logits / temperature, top_k, top_p), axis=-1)
         gumbel = jax.vmap(jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:])))(keys)
-        tokens = jnp.argmax(logp + gumbel, axis=-1)
+        tokens = first_argmax(logp + gumbel)
     return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0]
 
 
@@ -142,10 +162,8 @@ def _decode(graphdef, state, prefix, last_logits, prompt_lengths, rng, *, num_sa
     # The shared path keeps [B, G] rows against a [B]-row prompt cache; the naive path has
     # B*G prompt rows, each decoding one sample.
     rows, per_row = (batch, g) if shared_prompt else (batch * g, 1)
-    cache_shape = (config.num_layers, rows, per_row, r, config.num_kv_heads, config.head_dim)
-    cache_axes = ("layers", "batch", None, None, "kv_heads", "head_dim")
-    cache = KVCache(*(constrain(jnp.zeros(cache_shape, model.dtype), model.mesh, cache_axes,
-                                model.axis_rules) for _ in range(2)))
+    cache = KVCache(*(constrain(c, model.mesh, axes, model.axis_rules) for c, axes in zip(
+        response_cache(config, rows, per_row, r, model.dtype), RESPONSE_CACHE_AXES, strict=True)))
     first_logits = last_logits.reshape(batch, -1, last_logits.shape[-1])
     first_logits = jnp.broadcast_to(first_logits, (batch, g, last_logits.shape[-1]))
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from reczero_jax import mesh as meshlib
 from reczero_jax import sampling
 from reczero_jax.policy import response_logprobs
-from reczero_jax.sampling import choose_tokens, generate
+from reczero_jax.sampling import choose_tokens, first_argmax, generate
 from tests.helpers import left_padded_prompts, tiny_model
 
 
@@ -52,6 +52,31 @@ def test_greedy_is_argmax_of_training_forward(model):
                    attention_mask=jnp.concatenate([jnp.asarray(mask),
                                                    jnp.ones((2, 8), jnp.int32)], axis=1))
     np.testing.assert_array_equal(jnp.argmax(logits[:, ids.shape[1] - 1:-1], -1), out.tokens[:, 0])
+
+
+def test_first_argmax_is_argmax_on_ties_infinities_and_nans():
+    rows = np.random.default_rng(0).standard_normal((6, 50)).astype(np.float32)
+    rows[1, [3, 7, 40]] = 9.0  # ties: the first wins
+    rows[2, :] = -np.inf  # every token filtered out
+    rows[3, [5, 20]] = np.nan  # a NaN counts as the largest, the first one wins
+    rows[4, 10] = np.inf
+    rows[5, [0, 49]] = 9.0
+    for x in (rows, rows.reshape(2, 3, 50)):
+        np.testing.assert_array_equal(jax.jit(first_argmax)(jnp.asarray(x)), np.argmax(x, axis=-1))
+
+
+def test_sampled_tokens_are_the_gumbel_argmax_of_the_logprobs():
+    """The sampler's draw is exactly argmax(log_softmax(logits / T) + Gumbel(key)), the
+    token-for-token reference of the random streams (keys folded per step, row, sample)."""
+    logits = 3.0 * jax.random.normal(jax.random.key(1), (2, 4, 1000))
+    keys = sampling.sample_keys(jax.random.key(9), jnp.int32(5), 2, 4)
+    tokens, logp = jax.jit(choose_tokens, static_argnums=(2, 3, 4))(logits, keys, 0.7, 0, 1.0)
+    reference_logp = jax.nn.log_softmax(logits / 0.7, axis=-1)
+    gumbel = jax.vmap(jax.vmap(lambda k: jax.random.gumbel(k, (1000,))))(keys)
+    reference = jnp.argmax(reference_logp + gumbel, axis=-1)
+    np.testing.assert_array_equal(tokens, reference)
+    np.testing.assert_array_equal(logp, jnp.take_along_axis(reference_logp, reference[..., None],
+                                                            -1)[..., 0])
 
 
 def test_top_k_and_top_p_never_leave_the_allowed_set():

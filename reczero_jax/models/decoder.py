@@ -34,10 +34,29 @@ from reczero_jax.models.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: ``[L, B, P, K, D]`` (a prompt) or ``[L, B, G, S, K, D]``."""
+    """Keys and values of every layer: ``[L, B, P, K, D]`` (a prompt), ``[L, B, G, S, K, D]``
+    (a segment's own), or a decoding response cache (``response_cache``: its own layout)."""
 
     k: jax.Array
     v: jax.Array
+
+
+# The response cache's layouts: keys [L, B, G, K, R, D], values [L, B, G, K, D, R]. A layer's
+# slice is then laid out as the decode step's two attention dots take their right-hand
+# operands on XLA's CPU backend (batched over B, G, K; the contracted dimension minor: D for
+# the scores, R for the weighted values). With [.., R, K, D] buffers it copied every layer's
+# cache transposed at every step (47 MB, 5% of a SmolLM2 step at R = 128, growing with R;
+# benchmarks/PROFILE.md).
+RESPONSE_CACHE_AXES = KVCache(("layers", "batch", None, "kv_heads", None, "head_dim"),
+                              ("layers", "batch", None, "kv_heads", "head_dim", None))
+
+
+def response_cache(config: ModelConfig, rows: int, samples: int, length: int, dtype) -> KVCache:
+    """Zeroed response keys/values for ``decode_step``: ``rows`` x ``samples`` sequences of
+    ``length`` positions, in the layouts of ``RESPONSE_CACHE_AXES``."""
+    n, kv, d = config.num_layers, config.num_kv_heads, config.head_dim
+    return KVCache(jnp.zeros((n, rows, samples, kv, length, d), dtype),
+                   jnp.zeros((n, rows, samples, kv, d, length), dtype))
 
 
 class Prefix(NamedTuple):
@@ -221,8 +240,9 @@ class Decoder(nnx.Module):
                     ) -> tuple[jax.Array, KVCache]:
         """One decoding step of G samples per prompt against their shared prompt.
 
-        tokens, positions: [B, G]; cache: response keys/values [L, B, G, R, K, D], written
-        at ``index``; cache_mask: [B, G, R] valid response keys (including ``index``).
+        tokens, positions: [B, G]; cache: response keys/values (``response_cache``: R
+        positions), written at ``index``; cache_mask: [B, G, R] valid response keys
+        (including ``index``).
         Returns logits [B, G, V] (float32) and the updated cache.
         """
         x = self._constrain(self.embed[...][tokens[:, :, None]].astype(self.dtype))
@@ -254,7 +274,7 @@ class Decoder(nnx.Module):
         """One pre-norm transformer block on x [B, G, T, d].
 
         Without ``cache`` the block attends to its own T keys and returns them.
-        With ``cache = (k_all, v_all, layer, index)`` ([L, B, G, R, K, D] buffers) it writes
+        With ``cache = (k_all, v_all, layer, index)`` (``response_cache`` buffers) it writes
         its keys at ``index`` of layer ``layer`` in place and attends to that layer's buffer.
         """
         config, dtype = self.config, self.dtype
@@ -270,10 +290,15 @@ class Decoder(nnx.Module):
             keys, values, new_kv = k, v, (k, v)
         else:
             cache_k, cache_v, layer, index = cache
-            start = (layer, 0, 0, index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
-            keys, values, new_kv = cache_k[layer], cache_v[layer], (cache_k, cache_v)
+            # k, v [B, G, 1, K, D] into keys [.., K, R, D] and values [.., K, D, R] (see
+            # RESPONSE_CACHE_AXES); attention reads them as [B, G, R, K, D] views.
+            new_k = jnp.moveaxis(k, 2, -2)[None].astype(cache_k.dtype)
+            new_v = jnp.moveaxis(v, 2, -1)[None].astype(cache_v.dtype)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, new_k, (layer, 0, 0, 0, index, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, new_v, (layer, 0, 0, 0, 0, index))
+            keys = jnp.moveaxis(cache_k[layer], -2, 2)
+            values = jnp.moveaxis(cache_v[layer], -1, 2)
+            new_kv = (cache_k, cache_v)
         if cache is None:
             attend = attention_lib.implementation(self.attention, self.mesh, dtype)
         else:  # one query: its [1, P + S] scores are small
