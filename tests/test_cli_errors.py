@@ -77,7 +77,10 @@ def test_mesh_larger_than_the_devices(capsys, tmp_path, tiny_model_dir, small_ml
 
 
 def test_other_commands(capsys, tmp_path):
-    assert "pass --model-config" in error_of(capsys, "plan", CONFIG, "--slice", "v5p-8")
+    # model.path away from artifacts/, which `make demo` fills in a working tree.
+    assert "pass --model-config" in error_of(capsys, "plan", CONFIG,
+                                             f"model.path={tmp_path / 'absent'}", "--slice",
+                                             "v5p-8")
     assert "unknown slice" in error_of(capsys, "plan", CONFIG, "--slice", "h100-8",
                                        "--model-config", "qwen2.5-7b")
     assert "use SPLIT=N" in error_of(capsys, "data", "prepare", "--dataset", "movielens-100k",
