@@ -142,8 +142,8 @@ def test_choice_by_name_and_backend(monkeypatch):
         real = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, name=name, real=real: (
             chosen.append(name), real(*a))[1])
-    for block_k, expected in ((T, "materialized"), (T - 1, "blockwise")):
-        monkeypatch.setattr(attention, "BLOCK_K", block_k)
+    for most, expected in ((T, "materialized"), (T - 1, "blockwise")):
+        monkeypatch.setattr(attention, "CPU_MATERIALIZED_MAX_KEYS", most)
         attention.implementation("auto")(*arrays[:3], self_mask, None)
         assert chosen.pop() == expected
     with pytest.raises(ValueError, match="needs a GPU"):
