@@ -1,6 +1,9 @@
-"""Test set-up: 8 simulated CPU devices and no hub access, set before jax is imported."""
+"""Test set-up: 8 simulated CPU devices, no hub access and one compilation cache for the run,
+set before jax is imported."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,11 +11,24 @@ os.environ["XLA_FLAGS"] = (
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, one per test run: the two xdist workers and the
+# subprocess runs (a resume test's straight, killed and resumed runs; the processes of a
+# multi-process run) compile many identical programs, and each is then compiled once. The
+# controller makes the directory; the workers and subprocesses inherit the variable.
+_OWN_CACHE = ("PYTEST_XDIST_WORKER" not in os.environ
+              and "JAX_COMPILATION_CACHE_DIR" not in os.environ)
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="reczero-test-jit-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
