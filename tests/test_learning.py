@@ -140,6 +140,16 @@ def test_mean_reward_rises_over_grpo_steps(warm_started):
     assert last > 1.5  # beyond any rating that ignores the key (at most 1.0 on average)
 
 
+def rating_logit_caps(tokenizer, state) -> dict[str, float]:
+    """With the final norm (g) and LM head (rows w) frozen, the most the logits of neighbouring
+    ratings i, j can differ: the head reads g * x / rms(x), |x / rms(x)| = sqrt(d), so by
+    Cauchy-Schwarz logit_i - logit_j <= sqrt(d) |g * (w_i - w_j)|."""
+    g, head = state["final_norm"][...], state["lm_head"][...]
+    rows = head[:, tokenizer.convert_tokens_to_ids(list("12345"))].T
+    return {f"{i + 1}-{i + 2}": float(np.sqrt(g.size) * np.linalg.norm(g * (rows[i] - rows[i + 1])))
+            for i in range(4)}
+
+
 @pytest.mark.slow
 def test_mean_reward_rises_with_lora_up_to_the_frozen_head(warm_started):
     """LoRA (rank 16, alpha 32, all seven projections) from the same warm start. The frozen final
@@ -147,6 +157,10 @@ def test_mean_reward_rises_with_lora_up_to_the_frozen_head(warm_started):
     hidden state RMS-normalised, by sqrt(d) |g * (w_i - w_j)|: 1.55 nats between "5" and "4"
     after this SFT), so the reward levels off near 1.45 where full fine-tuning reaches 2
     (README, LoRA): the margin asserted is the one this cap leaves room for."""
+    tokenizer, _, state, _, _ = warm_started
+    caps = rating_logit_caps(tokenizer, state)
+    print("\nlargest logit gap the frozen head allows, per pair of ratings (nats): "
+          + ", ".join(f"{pair} {cap:.2f}" for pair, cap in caps.items()))
     first, last, first_format_rate = grpo_curve(warm_started, LORA_LR, LORA_STEPS,
                                                 adapters=(16, 32.0))
     assert first_format_rate > 0.9
