@@ -26,7 +26,14 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/reczero demo
 
-bench: $(STAMP)
+PEERS_STAMP := $(VENV)/.peers-installed
+
+# TRL for benchmarks/peers.py, only here: make test does not need it.
+$(PEERS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,peers]'
+	touch $(PEERS_STAMP)
+
+bench: $(PEERS_STAMP)
 	$(PY) -m benchmarks.run_all
 
 clean-venv:
