@@ -33,7 +33,17 @@ $(PEERS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,peers]'
 	touch $(PEERS_STAMP)
 
-bench: $(PEERS_STAMP)
+# Tunix (benchmarks/peers.py) in its own environment: it pins other transformers,
+# tokenizers and safetensors than this project.
+TUNIX_VENV := .venv-tunix
+TUNIX_STAMP := $(TUNIX_VENV)/.installed
+
+$(TUNIX_STAMP):
+	test -x $(TUNIX_VENV)/bin/python || $(PYTHON) -m venv $(TUNIX_VENV)
+	$(TUNIX_VENV)/bin/pip install --quiet google-tunix==0.1.7 jax==0.10.2 jaxlib==0.10.2
+	touch $(TUNIX_STAMP)
+
+bench: $(PEERS_STAMP) $(TUNIX_STAMP)
 	$(PY) -m benchmarks.run_all
 
 clean-venv:

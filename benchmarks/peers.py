@@ -1,32 +1,42 @@
-"""The whole GRPO step against TRL's ``GRPOTrainer``: the trainer a PyTorch user would use.
+"""The whole GRPO step against the trainers a user would otherwise use: TRL's
+``GRPOTrainer`` (PyTorch) and Google Tunix's ``GRPOLearner`` (JAX).
 
 One step = rollout (sample G responses to one prompt, score them) + one policy update on
-them, for both systems, on the same work:
+them, for every system, on the same work:
 
 * the model: SmolLM2-135M-Instruct, fp32, on CPU; AdamW at 2e-6 (b 0.9 / 0.999, weight decay
-  0.01, gradient clipping at 1.0); no KL term; token-mean loss (TRL's ``loss_type="dapo"``,
-  our ``loss_agg="token-mean"``); one update per rollout; no gradient checkpointing;
+  0.01, gradient clipping at 1.0); no KL term (none loads a reference model); token-mean loss
+  (TRL's ``loss_type="dapo"``, Tunix's ``loss_agg_mode="token-mean"``, ours by default); one
+  update per rollout; no gradient checkpointing;
 * the prompt: one real MovieLens-100k training prompt (the chat template applied once, by
   ``prompts.encode_prompt`` under ``max_prompt_tokens`` = P), the same text and token ids for
-  both (checked); TRL receives it as plain text, which it tokenises without a template;
+  all (checked); the peers receive it as plain text and tokenise it without a template;
 * the responses: G samples at temperature 1 (no top-k / top-p) of exactly R tokens each (ours:
-  ``eos_ids=()``; TRL: ``min_new_tokens=R``), scored by the rating reward (ours: the jitted
-  token reward; TRL: the same rule on the decoded text); checked per sample.
+  ``eos_ids=()``; TRL: ``min_new_tokens=R``; Tunix: a stop token no sample can draw, -1),
+  scored by the rating reward (ours: the jitted token reward; the peers: the same rule on the
+  decoded text); every sample's length is checked.
 
 Each (shape, system) runs in its own process, one after another (torch's and XLA's thread
 pools would fight over the cores), as ``--steps`` steps of which the first is the warm-up (for
-us: compilation); the table gives the median of the others. Rollout seconds: ours from the
-sampler's call to the scored rollout on the host; TRL's ``_generate_and_score_completions``
-(generation, decoding, reward). Update seconds: the rest of the step (the log-probs forward,
-backward and AdamW). TRL leaves generation to transformers' ``generate`` on CPU (no vLLM).
+the JAX systems: compilation); the table gives the median of the others. Rollout seconds:
+ours from the sampler's call to the scored rollout on the host; TRL's
+``_generate_and_score_completions`` (``transformers`` ``generate``, decoding, reward);
+Tunix's ``_generate_and_compute_advantage`` (its vanilla sampler, reward, advantages).
+Update seconds: the rest of the step (the log-probs forward, backward and AdamW).
+
+Tunix pins other ``transformers`` / ``tokenizers`` / ``safetensors`` than this project, so it
+runs from its own environment (``--tunix-python``, default ``.venv-tunix``, which ``make
+bench`` builds), with ``--xla_cpu_enable_concurrency_optimized_scheduler=false``: with XLA's
+default CPU scheduler its update needed over 24 GiB. SmolLM2 is a Llama: Tunix's llama3 model.
 
 ML-100k prompts hold at most 10 history entries per side, about 920 tokens with SmolLM2's
-template, so at P = 1024 the prompt is the longest of the records read (reported in the
-table); our sampler pads it on the left to its 1024-token bucket and computes over the
-padding, TRL does not pad a single prompt.
+template, so at P = 1024 the prompt is the longest of the records read (the table gives its
+length); our sampler pads it on the left to its 1024-token bucket and computes over the
+padding, the peers do not pad a single prompt.
 
-Run: ``python -m benchmarks.peers [--shapes 512x128x8 1024x256x8] [--steps 2] [--out FILE]``
-(TRL: ``pip install -e '.[peers]'``, which ``make bench`` does).
+Run: ``python -m benchmarks.peers [--shapes 512x128x8 1024x256x8] [--steps 2]
+[--systems reczero trl tunix] [--out FILE]`` (TRL: ``pip install -e '.[peers]'``; both
+peers: ``make bench``).
 """
 
 from __future__ import annotations
@@ -34,17 +44,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from benchmarks.common import cpu_count, describe_machine, emit_report, markdown_table
 from benchmarks.sampling import Shape, ensure_model_dir
 
 DEFAULT_SHAPES = ("512x128x8", "1024x256x8")
-SYSTEMS = ("reczero", "trl")
+SYSTEMS = ("reczero", "trl", "tunix")
+TUNIX_PYTHON = Path(".venv-tunix/bin/python")
 MODEL_DIR = Path("artifacts/smollm2-135m-instruct")
 DATA_DIR = Path("artifacts/ml100k")
 RECORDS_READ = 300  # training records searched for the prompt closest to P tokens
@@ -57,6 +71,7 @@ class StepTimes:
     """Seconds of each step of one system at one shape (the first is the warm-up)."""
 
     system: str
+    version: str
     shape: str
     prompt_tokens: int
     step_s: tuple[float, ...]
@@ -81,13 +96,25 @@ class StepTimes:
 # ----------------------------------------------------------------------------- the work
 
 
-def real_prompt(tokenizer, prompt_tokens: int) -> tuple[dict, list[int], str]:
-    """(record, ids, text) of the training record whose prompt, encoded under
-    ``max_prompt_tokens=prompt_tokens``, is the longest among the first ``RECORDS_READ``."""
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """The prompt every system gets: its token ids, their text and the true rating."""
+
+    ids: list[int]
+    text: str
+    rating: float
+
+
+def real_prompt(prompt_tokens: int) -> Prompt:
+    """The training record whose prompt, encoded under ``max_prompt_tokens=prompt_tokens``,
+    is the longest among the first ``RECORDS_READ`` records."""
+    from transformers import AutoTokenizer
+
     from reczero_jax.data import load_split
     from reczero_jax.data.tfds_builder import SourceConfig, prepare
     from reczero_jax.prompts import encode_prompt
 
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     prepare(SourceConfig.for_dataset("movielens-100k"), DATA_DIR)
     records = load_split(DATA_DIR, "train")
     best = None
@@ -97,9 +124,9 @@ def real_prompt(tokenizer, prompt_tokens: int) -> tuple[dict, list[int], str]:
             best = (records[index], encoded)
     record, encoded = best
     if tokenizer(encoded.text)["input_ids"] != list(encoded.ids):
-        raise RuntimeError("the prompt text does not tokenise back to its ids: TRL would see "
-                           "another prompt than ours")
-    return record, list(encoded.ids), encoded.text
+        raise RuntimeError("the prompt text does not tokenise back to its ids: the peers would "
+                           "see another prompt than ours")
+    return Prompt(list(encoded.ids), encoded.text, float(record["rating"]))
 
 
 def check_lengths(system: str, lengths, shape: Shape) -> None:
@@ -108,7 +135,7 @@ def check_lengths(system: str, lengths, shape: Shape) -> None:
                            f"expected exactly {shape.new_tokens} tokens each")
 
 
-def run_reczero(shape: Shape, steps: int) -> StepTimes:
+def run_reczero(shape: Shape, prompt: Prompt, steps: int) -> StepTimes:
     """Our loop's GRPO step (``train.loop``'s ``step_fn``): ``rollout`` then ``grpo_updates``."""
     import jax
     import numpy as np
@@ -121,15 +148,14 @@ def run_reczero(shape: Shape, steps: int) -> StepTimes:
     from reczero_jax.train.step import Trainer, rollout
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    record, ids, _ = real_prompt(tokenizer, shape.prompt)
     model = from_pretrained(MODEL_DIR)
     grpo = GRPOConfig(group_size=shape.samples, max_new_tokens=shape.new_tokens)
     trainer = Trainer(model, single_device_mesh(),
                       OptimConfig(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
                                   max_grad_norm=MAX_GRAD_NORM), grpo)
     reward_fn = EvalSettings().reward_fn(tokenizer, stop_token_ids(model.config, tokenizer))
-    prompt_ids = np.asarray([ids], np.int32)
-    rating = np.asarray([record["rating"]], np.float32)
+    prompt_ids = np.asarray([prompt.ids], np.int32)
+    rating = np.asarray([prompt.rating], np.float32)
     step_s, rollout_s = [], []
     for step in range(steps):
         began = time.perf_counter()
@@ -140,34 +166,23 @@ def run_reczero(shape: Shape, steps: int) -> StepTimes:
         trainer.grpo_updates(scored)  # returns host metrics: the update has finished
         step_s.append(time.perf_counter() - began)
         check_lengths("reczero", lengths, shape)
-        print(f"reczero {shape}: step {step} {step_s[-1]:.1f} s (rollout {rollout_s[-1]:.1f} s)",
-              file=sys.stderr, flush=True)
-    return StepTimes("reczero", str(shape), len(ids), tuple(step_s), tuple(rollout_s))
+        log_step("reczero", shape, step_s, rollout_s)
+    return StepTimes("reczero", system_version("reczero"), str(shape), len(prompt.ids),
+                     tuple(step_s), tuple(rollout_s))
 
 
-def run_trl(shape: Shape, steps: int) -> StepTimes:
+def run_trl(shape: Shape, prompt: Prompt, steps: int) -> StepTimes:
     """TRL's ``GRPOTrainer.train`` for ``steps`` steps; a callback times each step, a wrapper
     its rollout (``_generate_and_score_completions``)."""
-    import tempfile
-
     import torch
     import transformers
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from reczero_jax.rewards import get_reward
-
     torch.set_num_threads(cpu_count())
     tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
-    record, ids, text = real_prompt(tokenizer, shape.prompt)
-    score = get_reward("rating")
-    lengths = []
-
-    def rating_reward(prompts, completions, completion_ids, rating, **_):
-        lengths.extend(len(c) for c in completion_ids)
-        return [score(c, float(r)).reward for c, r in zip(completions, rating, strict=True)]
-
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    reward, lengths = rating_reward()
     with tempfile.TemporaryDirectory() as out_dir:
         args = GRPOConfig(
             output_dir=out_dir, use_cpu=True, bf16=False, max_steps=steps, seed=0,
@@ -179,19 +194,12 @@ def run_trl(shape: Shape, steps: int) -> StepTimes:
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=WEIGHT_DECAY,
             max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=False,
             logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True)
-        dataset = Dataset.from_list([{"prompt": text, "rating": float(record["rating"])}] * steps)
-        trainer = GRPOTrainer(model=model, reward_funcs=[rating_reward], args=args,
+        dataset = Dataset.from_list([{"prompt": prompt.text, "rating": prompt.rating}] * steps)
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args,
                               train_dataset=dataset, processing_class=tokenizer)
         step_s, rollout_s = [], []
-        generate = trainer._generate_and_score_completions
-
-        def timed_generate(*a, **kw):
-            began = time.perf_counter()
-            out = generate(*a, **kw)
-            rollout_s.append(time.perf_counter() - began)
-            return out
-
-        trainer._generate_and_score_completions = timed_generate
+        trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions,
+                                                        rollout_s)
 
         class StepTimer(transformers.TrainerCallback):
             def on_step_begin(self, *_, **__):
@@ -199,23 +207,145 @@ def run_trl(shape: Shape, steps: int) -> StepTimes:
 
             def on_step_end(self, *_, **__):
                 step_s.append(time.perf_counter() - self.began)
-                print(f"trl {shape}: step {len(step_s) - 1} {step_s[-1]:.1f} s (rollout "
-                      f"{rollout_s[-1]:.1f} s)", file=sys.stderr, flush=True)
+                log_step("trl", shape, step_s, rollout_s)
 
         trainer.add_callback(StepTimer())
         trainer.train()
-    check_lengths("trl", lengths, shape)
-    return StepTimes("trl", str(shape), len(ids), tuple(step_s), tuple(rollout_s))
+    check_lengths("trl", [len(ids) for ids in lengths], shape)
+    return StepTimes("trl", system_version("trl"), str(shape), len(prompt.ids),
+                     tuple(step_s), tuple(rollout_s))
+
+
+def run_tunix(shape: Shape, prompt: Prompt, steps: int) -> StepTimes:
+    """Tunix's ``GRPOLearner.train`` (vanilla rollout, actor and rollout on the one CPU device)
+    for ``steps`` steps; wrappers time each global step and its rollout
+    (``_generate_and_compute_advantage``). SmolLM2 is a Llama: Tunix's llama3 model."""
+    import json
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import transformers
+    from tunix.models.llama3 import model as llama
+    from tunix.models.llama3 import params as llama_params
+    from tunix.rl import rl_cluster as rl
+    from tunix.rl.grpo.grpo_learner import GRPOConfig, GRPOLearner
+    from tunix.rl.rollout.base_rollout import RolloutConfig
+
+    from reczero_jax.models.config import ModelConfig
+
+    ours = ModelConfig.from_hf(json.loads((MODEL_DIR / "config.json").read_text()))
+    if ours.rope_scaling is not None:
+        raise ValueError("Tunix's llama3 config here takes no RoPE scaling")
+    config = llama.ModelConfig(
+        num_layers=ours.num_layers, vocab_size=ours.vocab_size, embed_dim=ours.hidden_size,
+        hidden_dim=ours.intermediate_size, num_heads=ours.num_heads, head_dim=ours.head_dim,
+        num_kv_heads=ours.num_kv_heads, rope_theta=int(ours.rope_theta),
+        norm_eps=ours.rms_norm_eps, weight_tying=ours.tie_word_embeddings)
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    model = llama_params.create_model_from_safe_tensors(str(MODEL_DIR), config, mesh,
+                                                        dtype=jnp.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    optimizer = optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM),
+                            optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY))
+    cluster = rl.RLCluster(
+        actor=model, reference=None, tokenizer=tokenizer,
+        cluster_config=rl.ClusterConfig(
+            role_to_mesh={role: mesh for role in (rl.Role.ACTOR, rl.Role.REFERENCE,
+                                                  rl.Role.ROLLOUT)},
+            rollout_engine="vanilla", offload_to_cpu=False,
+            training_config=rl.RLTrainingConfig(actor_optimizer=optimizer,
+                                                eval_every_n_steps=10**6, max_steps=steps),
+            # No token is -1: every sample runs to R tokens, as the other systems' do.
+            rollout_config=RolloutConfig(
+                max_tokens_to_generate=shape.new_tokens, max_prompt_length=len(prompt.ids),
+                kv_cache_size=len(prompt.ids) + shape.new_tokens, temperature=1.0, top_p=1.0,
+                top_k=None, eos_tokens=[-1])))
+    reward, lengths = rating_reward(tokenizer)
+    learner = GRPOLearner(cluster, GRPOConfig(num_generations=shape.samples, num_iterations=1,
+                                              beta=0.0, epsilon=0.2, loss_agg_mode="token-mean"),
+                          reward_fns=[reward])
+    step_s, rollout_s = [], []
+    learner._generate_and_compute_advantage = timed(learner._generate_and_compute_advantage,
+                                                    rollout_s)
+    run_global_step = learner._run_global_step
+
+    def timed_global_step(*args, **kwargs):
+        began = time.perf_counter()
+        run_global_step(*args, **kwargs)
+        jax.effects_barrier()
+        step_s.append(time.perf_counter() - began)
+        log_step("tunix", shape, step_s, rollout_s)
+
+    learner._run_global_step = timed_global_step
+    # Arrays: Tunix repeats every leaf of a batch G times with np.repeat.
+    learner.train([{"prompts": np.asarray([prompt.text]),
+                    "rating": np.asarray([prompt.rating])}] * steps)
+    check_lengths("tunix", [len(ids) for ids in lengths], shape)
+    return StepTimes("tunix", system_version("tunix"), str(shape), len(prompt.ids),
+                     tuple(step_s), tuple(rollout_s))
+
+
+def rating_reward(tokenizer=None):
+    """(reward function for the peers' trainers, list of the token ids it scored): the rating
+    reward of the decoded text against the repeated ``rating`` column. TRL passes the
+    completions' ids; for Tunix, which passes text, they come from ``tokenizer``."""
+    from reczero_jax.rewards import get_reward
+
+    score, seen = get_reward("rating"), []
+
+    def reward(prompts, completions, rating, completion_ids=None, **_):
+        seen.extend(completion_ids if completion_ids is not None else
+                    [tokenizer(text, add_special_tokens=False)["input_ids"] for text in completions])
+        return [score(text, float(r)).reward for text, r in zip(completions, rating, strict=True)]
+
+    return reward, seen
+
+
+def system_version(system: str) -> str:
+    """The peers' package versions; ours: the git commit measured."""
+    if system == "reczero":
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True)
+        return f"@{commit.stdout.strip()}" if commit.returncode == 0 else version("reczero-jax")
+    return version({"trl": "trl", "tunix": "google-tunix"}[system])
+
+
+def timed(fn, seconds: list[float]):
+    """``fn`` that appends the seconds of each call to ``seconds``."""
+    def call(*args, **kwargs):
+        began = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds.append(time.perf_counter() - began)
+        return out
+
+    return call
+
+
+def log_step(system: str, shape: Shape, step_s: list[float], rollout_s: list[float]) -> None:
+    print(f"{system} {shape}: step {len(step_s) - 1} {step_s[-1]:.1f} s (rollout "
+          f"{rollout_s[-1]:.1f} s)", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- the report
 
 
-def run_worker(system: str, shape: str, steps: int) -> StepTimes:
-    """``system`` at ``shape`` in a fresh process; its ``StepTimes``."""
-    command = [sys.executable, "-m", "benchmarks.peers", "--worker", system,
-               "--shapes", shape, "--steps", str(steps)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+def run_worker(system: str, shape: str, prompt_file: Path, steps: int,
+               tunix_python: Path) -> StepTimes:
+    """``system`` at ``shape`` in a fresh process (Tunix: in its own environment); its times."""
+    python, env = sys.executable, dict(os.environ)
+    if system == "tunix":
+        if not tunix_python.exists():
+            raise RuntimeError(f"{tunix_python} not found: Tunix needs its own environment (it "
+                               f"pins other transformers and tokenizers); make bench builds it")
+        # The CPU scheduler's default overlaps buffers enough to need over 24 GiB here.
+        python = str(tunix_python)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " "
+                            "--xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+    command = [python, "-m", "benchmarks.peers", "--worker", system, "--shapes", shape,
+               "--prompt-file", str(prompt_file), "--steps", str(steps)]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if done.returncode or not lines:
         hint = " (pip install -e '.[peers]')" if system == "trl" else ""
@@ -225,24 +355,28 @@ def run_worker(system: str, shape: str, steps: int) -> StepTimes:
 
 
 def report(results: list[StepTimes], steps: int, minutes: float) -> str:
-    rows = [[r.shape, r.system, r.prompt_tokens, f"{r.step:.1f}", f"{r.rollout:.1f}",
+    """The markdown report: every system's times, then each peer's over ours per part."""
+    rows = [[r.shape, f"{r.system} {r.version}", r.prompt_tokens, f"{r.step:.1f}", f"{r.rollout:.1f}",
              f"{r.update:.1f}", f"{r.step_s[0]:.1f}"] for r in results]
     by_shape: dict[str, dict[str, StepTimes]] = {}
     for r in results:
         by_shape.setdefault(r.shape, {})[r.system] = r
-    ratios = [[shape, *(f"{getattr(arms['trl'], part) / getattr(arms['reczero'], part):.2f}x"
-                        for part in ("step", "rollout", "update"))]
-              for shape, arms in by_shape.items() if set(SYSTEMS) <= arms.keys()]
+    ratios = [[shape, f"{peer} / reczero",
+               *(f"{getattr(arms[peer], part) / getattr(arms['reczero'], part):.2f}x"
+                 for part in ("step", "rollout", "update"))]
+              for shape, arms in by_shape.items() if "reczero" in arms
+              for peer in arms if peer != "reczero"]
     return "\n\n".join([
-        f"Whole GRPO step, reczero-jax vs TRL GRPOTrainer, SmolLM2-135M-Instruct fp32 on CPU "
-        f"({describe_machine(('jax', 'jaxlib', 'flax', 'torch', 'transformers', 'trl'))}).",
+        f"Whole GRPO step, reczero-jax vs its peers, SmolLM2-135M-Instruct fp32 on CPU "
+        f"({describe_machine(('jax', 'jaxlib', 'flax', 'torch', 'transformers', 'trl'))}; "
+        f"Tunix in its own environment).",
         f"One real ML-100k prompt, G samples of exactly R new tokens, AdamW {LEARNING_RATE:g}, "
         f"no KL, token-mean loss; torch.set_num_threads({cpu_count()}). Median of "
         f"{max(steps - 1, 1)} step(s) after a warm-up step (its time in the last column). "
         f"Total {minutes:.1f} min.",
         markdown_table(["shape", "system", "prompt tokens", "s/step", "rollout s", "update s",
                         "warm-up step s"], rows),
-        markdown_table(["shape", "TRL / reczero: step", "rollout", "update"], ratios),
+        markdown_table(["shape", "time ratio", "step", "rollout", "update"], ratios),
     ])
 
 
@@ -253,26 +387,35 @@ def main(argv: list[str] | None = None) -> str | None:
     parser.add_argument("--steps", type=int, default=2,
                         help="GRPO steps per system and shape, the first a warm-up (>= 2)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--tunix-python", type=Path, default=TUNIX_PYTHON,
+                        help="the Python of Tunix's own environment")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error(f"--steps must be at least 2 (a warm-up and a timed step), got {args.steps}")
-    ensure_model_dir(MODEL_DIR)
     if args.worker:
         (shape,) = args.shapes
-        run = run_reczero if args.worker == "reczero" else run_trl
-        times = run(Shape.parse(shape, batch=1), args.steps)
+        prompt = Prompt(**json.loads(args.prompt_file.read_text()))
+        run = {"reczero": run_reczero, "trl": run_trl, "tunix": run_tunix}[args.worker]
+        times = run(Shape.parse(shape, batch=1), prompt, args.steps)
         print(RESULT_TAG + json.dumps(dataclasses.asdict(times)), flush=True)
         return None
+    ensure_model_dir(MODEL_DIR)
     start = time.perf_counter()
     results = []
-    for shape in args.shapes:
-        for system in args.systems:
-            results.append(run_worker(system, shape, args.steps))
-            r = results[-1]
-            print(f"{shape} {system}: {r.step:.1f} s/step (rollout {r.rollout:.1f} s, update "
-                  f"{r.update:.1f} s)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            prompt_file = Path(tmp) / f"{shape}.json"
+            prompt_file.write_text(json.dumps(dataclasses.asdict(
+                real_prompt(Shape.parse(shape, batch=1).prompt))))
+            for system in args.systems:
+                results.append(run_worker(system, shape, prompt_file, args.steps,
+                                          args.tunix_python))
+                r = results[-1]
+                print(f"{shape} {system}: {r.step:.1f} s/step (rollout {r.rollout:.1f} s, "
+                      f"update {r.update:.1f} s)", flush=True)
     return emit_report(report(results, args.steps, (time.perf_counter() - start) / 60), args.out)
 
 

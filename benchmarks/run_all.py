@@ -20,7 +20,7 @@ BENCHMARKS = (
     ("Attention implementations in the GRPO update: memory and time", "benchmarks.attention"),
     ("Token reward vs host reward", "benchmarks.reward"),
     ("Data pipeline", "benchmarks.data_pipeline"),
-    ("Whole GRPO step: reczero-jax vs TRL's GRPOTrainer", "benchmarks.peers"),
+    ("Whole GRPO step: reczero-jax vs TRL and Tunix", "benchmarks.peers"),
 )
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

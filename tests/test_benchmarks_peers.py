@@ -10,7 +10,7 @@ from benchmarks.sampling import Shape
 
 
 def times(system: str, steps, rollouts) -> peers.StepTimes:
-    return peers.StepTimes(system, "P=512 R=128 G=8 B=1", 509, tuple(steps), tuple(rollouts))
+    return peers.StepTimes(system, "1.0", "P=512 R=128 G=8 B=1", 509, tuple(steps), tuple(rollouts))
 
 
 def test_medians_leave_out_the_warm_up_and_the_update_is_the_rest_of_the_step():
@@ -23,10 +23,10 @@ def test_medians_leave_out_the_warm_up_and_the_update_is_the_rest_of_the_step():
 def test_report_gives_each_system_and_trl_over_reczero_per_part():
     report = peers.report([times("reczero", [90.0, 30.0], [40.0, 12.0]),
                            times("trl", [80.0, 75.0], [30.0, 30.0])], steps=2, minutes=4.5)
-    assert re.search(r"^\| P=512 R=128 G=8 B=1 \| trl \| 509 \| 75.0 \| 30.0 \| 45.0 \| 80.0 \|$",
+    assert re.search(r"^\| P=512 R=128 G=8 B=1 \| trl 1.0 \| 509 \| 75.0 \| 30.0 \| 45.0 \| 80.0 \|$",
                      report, re.MULTILINE)
-    assert re.search(r"^\| P=512 R=128 G=8 B=1 \| 2.50x \| 2.50x \| 2.50x \|$", report,
-                     re.MULTILINE)
+    assert re.search(r"^\| P=512 R=128 G=8 B=1 \| trl / reczero \| 2.50x \| 2.50x \| 2.50x \|$",
+                     report, re.MULTILINE)
 
 
 def test_a_response_of_another_length_is_an_error():
