@@ -24,10 +24,27 @@ the forward's extra cost is r (IN + OUT) per target and token, under 1% of the p
 at r = 16 on a 7B model. ``adapters_off`` turns them off in a module, which is how the
 trainer computes the KL reference: the base is the reference.
 
+The LM head (target ``lm_head``, not in the default ``TARGETS``) gains one pair, not one per
+layer: ``A [d, r]`` (normal, std 1 / r) and ``B [r, V]`` (zeros), sharded like the head
+(``embed``, ``vocab``), and ``Decoder.logits`` computes
+
+    logits = h @ W_head + s * (h @ A) @ B,      W_head = lm_head, or embed^T when tied,
+
+so a tied model's embedding (the input side) is never adapted. ``merge_lora`` therefore
+unties such a head: the merged model has ``tie_word_embeddings=False`` and its own
+``lm_head = embed^T + s A B``, which the HF export writes as ``lm_head.weight``.
+
 PEFT format (``peft_tensors``): ``lora_A.weight [r, IN]`` and ``lora_B.weight [OUT, r]`` of
 each ``nn.Linear`` of the transformers model, named
-``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``; PEFT scales by
-``lora_alpha / r`` (``use_rslora`` false), as here.
+``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`` (the head's:
+``base_model.model.lm_head.lora_A.weight [r, d]``, ``lora_B.weight [V, r]``); PEFT scales by
+``lora_alpha / r`` (``use_rslora`` false), as here. On a tied base peft 0.21 wraps the tied
+``lm_head`` module in a LoRA ``Linear`` (warning that it cannot tie the adapters;
+``ensure_weight_tying`` is left off: it would move the adapter onto the embedding, a
+different model), so its unmerged forward is ours exactly and the embedding is left alone;
+but its ``merge_and_unload`` adds s A B into the tensor the two share, changing the
+embedding too. Merged weights come from ``merge_lora`` (``reczero export`` without
+``--adapter``), or from peft after untying the base's head first.
 """
 
 from __future__ import annotations

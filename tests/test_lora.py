@@ -205,7 +205,7 @@ IDS = np.random.default_rng(0).integers(0, 49152, (2, 24)).astype(np.int32)
 
 
 def test_export_merged_and_peft_adapter_load_with_the_adapted_logits(lora_run, tiny_model_dir,
-                                                                     tmp_path):
+                                                                     tmp_path, capsys):
     import peft
 
     run, model = lora_run
@@ -225,6 +225,7 @@ def test_export_merged_and_peft_adapter_load_with_the_adapted_logits(lora_run, t
     full = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "full", dtype=torch.float32, attn_implementation="eager").eval()
     assert run_train_group("export", "--run", run, "--out", tmp_path / "adapter", "--adapter") == 0
+    assert "merge_and_unload would add it to the embedding too" in capsys.readouterr().out
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and {"q_proj", "lm_head"} <= set(config["target_modules"])
     vocab, width = model.config.vocab_size, model.config.hidden_size
