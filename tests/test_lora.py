@@ -108,20 +108,20 @@ def test_lora_config_is_validated_at_load():
 
 
 def test_only_adapters_train_and_the_kl_reference_is_the_base():
-    """Parameters, moments and gradients are the adapters alone; the frozen base stays
-    bit-equal; no reference copy exists, and the KL term is the one against the base's
-    log-probs (the same weights, adapters off)."""
+    """Parameters, moments and gradients are the adapters alone (the LM head's included); the
+    frozen base stays bit-equal; no reference copy exists, and the KL term is the one against
+    the base's log-probs (the same weights, every adapter off, the head's too)."""
     mesh = meshlib.make_mesh(1, 2, 1)
     base_model = meshlib.shard_model(tiny_model(mesh=mesh), mesh)
     base_state = [np.array(x) for x in jax.tree.leaves(nnx.state(base_model, nnx.Param))]
-    model = with_adapters(base_model)
+    model = with_adapters(base_model, targets=WITH_HEAD)
     config = GRPOConfig(kl_coef=0.1, group_size=2)
     trainer = Trainer(model, mesh, OptimConfig(learning_rate=1e-2), config, reference=model)
     assert trainer.ref_params is None
     assert {type(v) for v in jax.tree.leaves(trainer.params, is_leaf=lambda x: isinstance(
         x, nnx.Variable))} == {lora.LoRAParam}
     param_count = sum(x.size for x in jax.tree.leaves(trainer.params))
-    assert param_count == lora.adapter_count(model.config, 4, lora.TARGETS)
+    assert param_count == lora.adapter_count(model.config, 4, WITH_HEAD)
     moments = trainer.opt_state[1][0].mu
     assert jax.tree.structure(moments) == jax.tree.structure(trainer.params)
 
