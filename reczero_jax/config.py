@@ -40,8 +40,12 @@ ATTENTIONS = ("auto", "materialized", "blockwise", "splash", "cudnn")  # models.
 # element; ``models.dtypes.JAX_DTYPES`` maps the same names to jax dtypes.
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 DTYPES = tuple(DTYPE_BYTES)
-# The projections LoRA may adapt (reczero_jax.lora): the decoder's weight names.
+# What LoRA may adapt (reczero_jax.lora), by the decoder's weight names: the layers'
+# projections (LORA_TARGETS, the default) and the LM head (LORA_HEAD; with tied embeddings
+# the head is embed^T, whose adapter leaves the embedding as it is).
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+LORA_HEAD = "lm_head"
+LORA_ALLOWED_TARGETS = (*LORA_TARGETS, LORA_HEAD)
 
 
 @dataclasses.dataclass
@@ -100,7 +104,8 @@ class GRPOConfig:
 @dataclasses.dataclass
 class LoRASection:
     """Low-rank adapters (``reczero_jax.lora``): rank 0 trains every weight (no LoRA); rank
-    r > 0 trains adapters alone on ``targets`` (some of ``LORA_TARGETS``), scaled by alpha / r.
+    r > 0 trains adapters alone on ``targets`` (some of ``LORA_ALLOWED_TARGETS``; by default
+    the seven projections ``LORA_TARGETS``), scaled by alpha / r.
     ``model.param_dtype`` then applies to the frozen base only (adapters are float32)."""
 
     rank: int = 0
@@ -225,14 +230,15 @@ def check_batch_split(prompts: int, micro_batches: int, shards: int,
 
 
 def check_lora(lora: LoRASection) -> None:
-    """A ValueError for a negative rank, or targets that are not projections of the decoder."""
+    """A ValueError for a negative rank, or targets that are neither projections of the
+    decoder nor its LM head."""
     if lora.rank < 0:
         raise ValueError(f"model.lora.rank={lora.rank} must be >= 0 (0: no LoRA)")
-    unknown = [name for name in lora.targets if name not in LORA_TARGETS]
+    unknown = [name for name in lora.targets if name not in LORA_ALLOWED_TARGETS]
     if lora.rank and (unknown or not lora.targets):
         raise ValueError(f"model.lora.targets={list(lora.targets)}: "
                          f"{'unknown ' + ', '.join(unknown) if unknown else 'empty'} "
-                         f"(use some of: {', '.join(LORA_TARGETS)})")
+                         f"(use some of: {', '.join(LORA_ALLOWED_TARGETS)})")
 
 
 def check_config(config: ExperimentConfig) -> None:

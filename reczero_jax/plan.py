@@ -18,8 +18,8 @@ Resident in every phase
 With LoRA (``model.lora.rank`` r > 0) the parameters above are the frozen base, in
 ``model.param_dtype``; only the adapters (float32, ``reczero_jax.lora``) train:
     adapters    = sum over adapter factors of (its shard's elements) x 4
-                  (L r (IN + OUT) per target in all; A shards like its weight's inputs, B like
-                  its outputs, the rank never)
+                  (L r (IN + OUT) per layer projection targeted, r (d + V) for the LM head;
+                  A shards like its weight's inputs, B like its outputs, the rank never)
     optimizer   = 2 x adapters;  gradients = adapters (x 2 with micro-batches)
     reference   = none: the KL reference is the base with the adapters off
 The activations are counted as without LoRA (the low-rank intermediates, b T r per target

@@ -34,7 +34,10 @@ KEY_RATINGS = {"a": 1, "b": 5}
 PROMPT_LENGTH = 4
 SFT_STEPS, SFT_BATCH, SFT_LR = 100, 16, 1e-2
 GRPO_STEPS, GRPO_PROMPTS, GRPO_LR = 150, 8, 1e-3
-LORA_STEPS, LORA_LR, LORA_MARGIN = 300, 3e-3, 0.3  # LoRA: a higher LR, more steps, a lower cap
+# LoRA (rank 16, alpha 32) on the seven projections and the LM head: twice the steps, the
+# same LR and margin (at LR 3e-3 the reward reached 1.84 by step 90, then fell back to 0.9).
+LORA_STEPS, LORA_LR, LORA_RANK, LORA_ALPHA = 300, 1e-3, 16, 32.0
+LORA_TARGETS = (*lora.TARGETS, "lm_head")
 WINDOW = 20  # steps averaged at each end of the reward curve
 MARGIN = 0.5
 
@@ -97,12 +100,12 @@ def warm_started():
 
 def grpo_curve(warm_started, learning_rate: float, steps: int, adapters=None):
     """Rewards and format rates of ``steps`` GRPO steps from the warm start (with LoRA
-    ``adapters`` = (rank, alpha): the adapters alone train, the SFT'd weights frozen)."""
+    ``adapters`` = (rank, alpha, targets): the adapters alone train, the SFT'd weights frozen)."""
     tokenizer, graph, state, rng_state, _ = warm_started
     model = nnx.merge(graph, jax.tree.map(jnp.asarray, state))
     if adapters is not None:
-        rank, alpha = adapters
-        lora.add_lora(model, rank=rank, alpha=alpha)
+        rank, alpha, targets = adapters
+        lora.add_lora(model, rank=rank, alpha=alpha, targets=targets)
     rng = np.random.default_rng()
     rng.bit_generator.state = rng_state
     grpo_config = GRPOConfig(group_size=8, max_new_tokens=len(templated_response(tokenizer, 3)))
@@ -151,18 +154,20 @@ def rating_logit_caps(tokenizer, state) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_mean_reward_rises_with_lora_up_to_the_frozen_head(warm_started):
-    """LoRA (rank 16, alpha 32, all seven projections) from the same warm start. The frozen final
-    norm and LM head cap how far one rating token's logit can rise above another's (with the
-    hidden state RMS-normalised, by sqrt(d) |g * (w_i - w_j)|: 1.55 nats between "5" and "4"
-    after this SFT), so the reward levels off near 1.45 where full fine-tuning reaches 2
-    (README, LoRA): the margin asserted is the one this cap leaves room for."""
+def test_mean_reward_rises_with_lora_on_the_projections_and_the_head(warm_started):
+    """LoRA (rank 16, alpha 32) on the seven projections and the LM head, from the same warm
+    start, rises by full fine-tuning's margin. The head's adapter is what lets it: with the
+    final norm and LM head frozen, one rating token's logit can rise above another's by at
+    most sqrt(d) |g * (w_i - w_j)| (the hidden state is RMS-normalised): 1.55 nats between "5"
+    and "4" after this SFT, printed here, so adapters on the projections alone level off
+    near 1.45 (README, LoRA). With the head adapted (its rows w + s A B move) the reward
+    reaches 2, as full fine-tuning's does."""
     tokenizer, _, state, _, _ = warm_started
     caps = rating_logit_caps(tokenizer, state)
-    print("\nlargest logit gap the frozen head allows, per pair of ratings (nats): "
+    print("\nlargest logit gap a frozen head would allow, per pair of ratings (nats): "
           + ", ".join(f"{pair} {cap:.2f}" for pair, cap in caps.items()))
     first, last, first_format_rate = grpo_curve(warm_started, LORA_LR, LORA_STEPS,
-                                                adapters=(16, 32.0))
+                                                adapters=(LORA_RANK, LORA_ALPHA, LORA_TARGETS))
     assert first_format_rate > 0.9
-    assert last - first > LORA_MARGIN
-    assert last > 1.25  # the key is read: beyond any rating that ignores it (at most 1.0)
+    assert last - first > MARGIN
+    assert last > 1.5  # beyond any rating that ignores the key (at most 1.0 on average)

@@ -11,15 +11,19 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors import safe_open
 
 from reczero_jax import grpo, lora, sampling
 from reczero_jax import mesh as meshlib
 from reczero_jax.config import GRPOConfig, OptimConfig, load_config
 from reczero_jax.models import from_pretrained
+from reczero_jax.models.decoder import causal_mask, positions_from_mask
 from reczero_jax.policy import response_logprobs
 from reczero_jax.train.checkpoint import Checkpointer
 from reczero_jax.train.step import Trainer
-from tests.helpers import fake_rollout, left_padded_prompts, run_train_group, tiny_model
+from tests.helpers import TINY, fake_rollout, left_padded_prompts, run_train_group, tiny_model
+
+WITH_HEAD = (*lora.TARGETS, "lm_head")  # the seven projections and the LM head
 
 
 def with_adapters(model, seed=1, rank=4, targets=lora.TARGETS):
@@ -54,11 +58,48 @@ def test_zero_adapters_give_the_base_logits_and_merging_equals_the_forward():
     np.testing.assert_array_equal(logits_of(lora.adapters_off(model), ids, mask), base)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_lm_head_adapter_adds_its_low_rank_logits_and_merges_into_an_untied_head(tied):
+    """logits = h @ W_head + s (h @ A) @ B (W_head = embed^T when tied); zero B changes
+    nothing; merging a tied head unties it (embed^T + s A B) and leaves the embedding."""
+    ids, mask = left_padded_prompts(batch=2, length=16)
+    model = tiny_model(config=dataclasses.replace(TINY, tie_word_embeddings=tied))
+    base = logits_of(model, ids, mask)
+    lora.add_lora(model, rank=4, alpha=8.0, targets=["wq", "lm_head"])
+    np.testing.assert_array_equal(logits_of(model, ids, mask), base)
+    adapters = model.layers.adapters
+    assert adapters.lm_head_a.shape == (32, 4) and adapters.lm_head_b.shape == (4, 96)
+    assert adapters.lm_head_a.get_metadata()["logical_axes"] == ("embed", "lora_rank")
+    assert adapters.lm_head_b.get_metadata()["logical_axes"] == ("lora_rank", "vocab")
+    assert lora.adapter_count(model.config, 4, adapters.targets) == sum(
+        x.size for x in jax.tree.leaves(nnx.state(model, lora.LoRAParam))) == 4 * (
+        2 * (32 + 32) + 32 + 96)
+    adapters.lm_head_b[...] = 0.3 * jax.random.normal(jax.random.key(3), (4, 96))
+    adapted = logits_of(model, ids, mask)
+    hidden, _ = model.forward(jnp.asarray(ids)[:, None], positions_from_mask(mask)[:, None],
+                              causal_mask(jnp.asarray(mask))[:, None])  # wq's B is zero
+    expected = base + 2.0 * np.asarray(hidden[:, 0] @ adapters.lm_head_a[...]
+                                       @ adapters.lm_head_b[...])
+    assert np.abs(adapted - base).max() > 0.1
+    np.testing.assert_allclose(adapted, expected, atol=1e-5)
+    np.testing.assert_array_equal(logits_of(lora.adapters_off(nnx.clone(model)), ids, mask), base)
+
+    merged = lora.merge_lora(model)
+    assert not merged.config.tie_word_embeddings and model.config.tie_word_embeddings == tied
+    head = model.embed[...].T if tied else model.lm_head[...]
+    np.testing.assert_allclose(merged.lm_head[...], head + 2.0 * adapters.lm_head_a[...]
+                               @ adapters.lm_head_b[...], atol=1e-6)
+    np.testing.assert_array_equal(merged.embed[...], model.embed[...])
+    np.testing.assert_allclose(logits_of(merged, ids, mask), adapted, atol=1e-5)
+
+
 def test_lora_config_is_validated_at_load():
     config = load_config(None, ["model.lora.rank=8", "model.lora.targets=[wq,w_down]"])
     assert config.model.lora.targets == ["wq", "w_down"]
+    assert load_config(None, ["model.lora.rank=8", "model.lora.targets=[wq,lm_head]"]
+                       ).model.lora.targets == ["wq", "lm_head"]
     with pytest.raises(ValueError, match=r"model.lora.targets=\['q_proj'\]: unknown q_proj "
-                                         r"\(use some of: wq, wk"):
+                                         r"\(use some of: wq, wk, .*, w_down, lm_head\)"):
         load_config(None, ["model.lora.rank=8", "model.lora.targets=[q_proj]"])
     with pytest.raises(ValueError, match="model.lora.rank=-1 must be >= 0"):
         load_config(None, ["model.lora.rank=-1"])
@@ -67,20 +108,20 @@ def test_lora_config_is_validated_at_load():
 
 
 def test_only_adapters_train_and_the_kl_reference_is_the_base():
-    """Parameters, moments and gradients are the adapters alone; the frozen base stays
-    bit-equal; no reference copy exists, and the KL term is the one against the base's
-    log-probs (the same weights, adapters off)."""
+    """Parameters, moments and gradients are the adapters alone (the LM head's included); the
+    frozen base stays bit-equal; no reference copy exists, and the KL term is the one against
+    the base's log-probs (the same weights, every adapter off, the head's too)."""
     mesh = meshlib.make_mesh(1, 2, 1)
     base_model = meshlib.shard_model(tiny_model(mesh=mesh), mesh)
     base_state = [np.array(x) for x in jax.tree.leaves(nnx.state(base_model, nnx.Param))]
-    model = with_adapters(base_model)
+    model = with_adapters(base_model, targets=WITH_HEAD)
     config = GRPOConfig(kl_coef=0.1, group_size=2)
     trainer = Trainer(model, mesh, OptimConfig(learning_rate=1e-2), config, reference=model)
     assert trainer.ref_params is None
     assert {type(v) for v in jax.tree.leaves(trainer.params, is_leaf=lambda x: isinstance(
         x, nnx.Variable))} == {lora.LoRAParam}
     param_count = sum(x.size for x in jax.tree.leaves(trainer.params))
-    assert param_count == lora.adapter_count(model.config, 4, lora.TARGETS)
+    assert param_count == lora.adapter_count(model.config, 4, WITH_HEAD)
     moments = trainer.opt_state[1][0].mu
     assert jax.tree.structure(moments) == jax.tree.structure(trainer.params)
 
@@ -117,10 +158,18 @@ def test_frozen_base_may_be_bfloat16_while_adapters_stay_float32():
 @pytest.mark.parametrize("layout", [(1, 2, 2), (1, 1, 1)])
 def test_sampler_and_trainer_logprobs_agree_with_adapters(layout):
     """fp32: the sampler (the rollout copy with merged adapters on an fsdp mesh; the forward
-    with adapters on one device) and the trainer's forward give the same log-probs."""
+    with adapters on one device) and the trainer's forward give the same log-probs, with
+    adapters on the seven projections and the LM head; the rollout copy places the head's
+    factors like the head (A's d like its rows, B's vocab like its columns)."""
     mesh = meshlib.make_mesh(*layout)
-    model = with_adapters(meshlib.shard_model(tiny_model(mesh=mesh), mesh))
+    model = with_adapters(meshlib.shard_model(tiny_model(mesh=mesh), mesh), targets=WITH_HEAD)
     assert sampling.use_rollout_layout(model, None) == (layout[1] > 1)
+    copy = sampling.rollout_model(model)
+    head = copy.lm_head[...].sharding.spec
+    a, b = (getattr(copy.layers.adapters, f"lm_head_{f}")[...] for f in "ab")
+    assert (a.sharding.spec[0], b.sharding.spec[1]) == (head[0], head[1])
+    assert a.dtype == b.dtype == copy.dtype
+    del copy
     ids, mask = left_padded_prompts(batch=2, length=12)
     sample = sampling.generate(model, ids, mask, num_samples=2, max_new_tokens=6,
                                rng=jax.random.key(0), eos_ids=())
@@ -138,12 +187,13 @@ def test_sampler_and_trainer_logprobs_agree_with_adapters(layout):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_model_dir):
-    """A LoRA run directory whose step-1 checkpoint holds adapters alone (B non-zero)."""
+    """A LoRA run directory whose step-1 checkpoint holds adapters alone (B non-zero), on the
+    seven projections and the (tied) LM head."""
     run = tmp_path_factory.mktemp("lora_run")
     config = load_config(None, [f"model.path={tiny_model_dir}", f"run_dir={run}",
                                 "model.lora.rank=4", "model.lora.alpha=8",
-                                "model.lora.targets=[wq,wk,wv,wo,w_gate,w_up,w_down]"])
-    model = with_adapters(from_pretrained(tiny_model_dir), seed=5)
+                                "model.lora.targets=[wq,wk,wv,wo,w_gate,w_up,w_down,lm_head]"])
+    model = with_adapters(from_pretrained(tiny_model_dir), seed=5, targets=WITH_HEAD)
     trainer = Trainer(model, meshlib.single_device_mesh(), OptimConfig())
     with Checkpointer(run / "checkpoints") as ckpt:
         ckpt.save(1, params=trainer.params, opt_state=trainer.opt_state, rng_keys={},
@@ -155,7 +205,7 @@ IDS = np.random.default_rng(0).integers(0, 49152, (2, 24)).astype(np.int32)
 
 
 def test_export_merged_and_peft_adapter_load_with_the_adapted_logits(lora_run, tiny_model_dir,
-                                                                     tmp_path):
+                                                                     tmp_path, capsys):
     import peft
 
     run, model = lora_run
@@ -163,15 +213,31 @@ def test_export_merged_and_peft_adapter_load_with_the_adapted_logits(lora_run, t
     base = logits_of(lora.adapters_off(nnx.clone(model)), IDS, np.ones_like(IDS))
     assert np.abs(ours - base).max() > 1e-2  # the adapters reach the logits
 
+    assert model.config.tie_word_embeddings  # the adapted head is the embedding's transpose
     assert run_train_group("export", "--run", run, "--out", tmp_path / "full") == 0
+    # The merge unties the head: lm_head.weight written, the embedding left as the base's.
+    assert not json.loads((tmp_path / "full" / "config.json").read_text())["tie_word_embeddings"]
+    with safe_open(tmp_path / "full" / "model.safetensors", "np") as written:
+        assert "lm_head.weight" in written.keys()
+        with safe_open(tiny_model_dir / "model.safetensors", "np") as original:
+            np.testing.assert_array_equal(written.get_tensor("model.embed_tokens.weight"),
+                                          original.get_tensor("model.embed_tokens.weight"))
     full = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "full", dtype=torch.float32, attn_implementation="eager").eval()
     assert run_train_group("export", "--run", run, "--out", tmp_path / "adapter", "--adapter") == 0
+    assert "merge_and_unload would add it to the embedding too" in capsys.readouterr().out
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and "q_proj" in config["target_modules"]
+    assert config["r"] == 4 and {"q_proj", "lm_head"} <= set(config["target_modules"])
+    vocab, width = model.config.vocab_size, model.config.hidden_size
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "np") as written:
+        assert written.get_slice("base_model.model.lm_head.lora_A.weight").get_shape() == [4, width]
+        assert written.get_slice("base_model.model.lm_head.lora_B.weight").get_shape() == [vocab, 4]
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
-    adapted = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    # peft adapts the tied lm_head's own forward (warning that it cannot tie adapters): the
+    # embedding stays the base's, as ours.
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        adapted = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
     with torch.no_grad():
         theirs = adapted(input_ids=torch.as_tensor(IDS)).logits.numpy()
         merged = full(input_ids=torch.as_tensor(IDS)).logits.numpy()

@@ -352,6 +352,14 @@ def test_lora_plan_counts_adapters_their_moments_and_no_reference_copy():
     adapters = plan.param_shard_elements(QWEN_7B, 1, 1, 1, lora_rank=16,
                                          lora_targets=shape.lora_targets)
     assert adapters == lora.adapter_count(QWEN_7B, 16, lora.TARGETS) == 40_370_176
+    # The LM head's adapter: r (d + V) more, once; A [d, r] sharded over fsdp like the head's
+    # rows, B [r, V] over tensor like its columns (so whole on each chip of this fsdp mesh).
+    with_head = (*lora.TARGETS, "lm_head")
+    assert plan.param_shard_elements(QWEN_7B, 1, 1, 1, lora_rank=16, lora_targets=with_head) \
+        == lora.adapter_count(QWEN_7B, 16, with_head) == 40_370_176 + 16 * (3584 + 152_064)
+    assert plan.param_shard_elements(QWEN_7B, 1, 8, 1, lora_rank=16, lora_targets=with_head) \
+        - plan.param_shard_elements(QWEN_7B, 1, 8, 1, lora_rank=16,
+                                    lora_targets=shape.lora_targets) == 16 * (3584 // 8 + 152_064)
     terms = plan.estimate(QWEN_7B, shape).terms
     own = plan.param_shard_elements(QWEN_7B, 1, 8, 1, lora_rank=16,
                                     lora_targets=shape.lora_targets)

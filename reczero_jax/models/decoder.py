@@ -160,7 +160,8 @@ class DecoderLayers(nnx.Module):
     def stacked(self) -> dict[str, jax.Array]:
         """The raw stacked weight arrays, keyed by name (the scan's ``xs``), and under
         ``"lora"`` the factors ``{target: (A, s * B)}`` of enabled LoRA adapters, which
-        ``reczero_jax.lora.add_lora`` attaches as ``self.adapters``."""
+        ``reczero_jax.lora.add_lora`` attaches as ``self.adapters`` (with the LM head's,
+        when targeted: ``Decoder.logits`` applies those)."""
         weights = {name: var[...] for name, var in vars(self).items()
                    if isinstance(var, nnx.Param)}
         adapters = getattr(self, "adapters", None)
@@ -263,10 +264,20 @@ class Decoder(nnx.Module):
         return self.logits(hidden[:, :, 0]), KVCache(cache_k, cache_v)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Final-normed hidden [..., d] -> float32 logits [..., V]."""
+        """Final-normed hidden h [..., d] -> float32 logits [..., V]: h @ W_head (W_head =
+        embed^T when tied), plus (h @ A) @ (s * B) when enabled LoRA adapters
+        (``reczero_jax.lora``) target the head (A [d, r], B [r, V])."""
         head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", hidden, head.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,dv->...v", hidden, head.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        adapters = getattr(self.layers, "adapters", None)
+        factors = adapters.head_factors() if adapters is not None and adapters.enabled else None
+        if factors is not None:
+            a, b = factors
+            low_rank = jnp.einsum("...d,dr->...r", hidden, a.astype(self.dtype))
+            logits = logits + jnp.einsum("...r,rv->...v", low_rank, b.astype(self.dtype),
+                                         preferred_element_type=jnp.float32)
+        return logits
 
     # -- internals ------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ checkpoint's parameters alone (no optimizer state is read).
 A LoRA run (``model.lora.rank > 0``) checkpoints its adapters alone: the full export reads
 the base weights from ``model.path`` and merges the adapters into them; ``--adapter`` writes
 the adapters alone in PEFT's format (``lora.save_peft_adapter``), for
-``peft.PeftModel.from_pretrained(base, HF_DIR)``.
+``peft.PeftModel.from_pretrained(base, HF_DIR)``. An adapted tied LM head is untied by the
+full export (``lm_head.weight`` written, ``tie_word_embeddings: false``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from etils import epath
 from flax import nnx
 
 from reczero_jax import distributed
-from reczero_jax.config import ExperimentConfig, load_config
+from reczero_jax.config import LORA_HEAD, ExperimentConfig, load_config
 from reczero_jax.lora import LoRAParam, add_lora, merge_lora, save_peft_adapter
 from reczero_jax.mesh import param_shardings, single_device_mesh
 from reczero_jax.models import Decoder, from_pretrained, save_pretrained
@@ -104,6 +105,11 @@ def export_run(run_dir, out_dir, *, step: int | None = None, dtype: str | None =
         written = save_peft_adapter(model, out_dir, base_model_path=config["model"]["path"])
         print(f"[reczero] exported the LoRA adapter of step {restored_step} of {run_dir} "
               f"to {out_dir}")
+        if model.config.tie_word_embeddings and LORA_HEAD in model.layers.adapters.targets:
+            print("[reczero] note: the base's LM head is tied to its embedding: peft applies "
+                  "this lm_head adapter exactly, but its merge_and_unload would add it to the "
+                  "embedding too; for merged weights run `reczero export` without --adapter "
+                  "(it unties the head)")
         return written
     export_dtype = None if dtype is None else jax_dtype(dtype)
     model, config, restored_step = restore_model(run_dir, step)
