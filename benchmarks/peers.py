@@ -262,7 +262,16 @@ def run_tunix(shape: Shape, prompt: Prompt, steps: int) -> StepTimes:
                 max_tokens_to_generate=shape.new_tokens, max_prompt_length=len(prompt.ids),
                 kv_cache_size=len(prompt.ids) + shape.new_tokens, temperature=1.0, top_p=1.0,
                 top_k=None, eos_tokens=[-1])))
-    reward, lengths = rating_reward(tokenizer)
+    reward, _ = rating_reward()
+    lengths = []
+    generate = cluster.generate
+
+    def recorded_generate(*args, **kwargs):  # the sampled ids: text would not round-trip
+        out = generate(*args, **kwargs)
+        lengths.extend(len(ids) for ids in out.tokens)
+        return out
+
+    cluster.generate = recorded_generate
     learner = GRPOLearner(cluster, GRPOConfig(num_generations=shape.samples, num_iterations=1,
                                               beta=0.0, epsilon=0.2, loss_agg_mode="token-mean"),
                           reward_fns=[reward])
@@ -282,22 +291,21 @@ def run_tunix(shape: Shape, prompt: Prompt, steps: int) -> StepTimes:
     # Arrays: Tunix repeats every leaf of a batch G times with np.repeat.
     learner.train([{"prompts": np.asarray([prompt.text]),
                     "rating": np.asarray([prompt.rating])}] * steps)
-    check_lengths("tunix", [len(ids) for ids in lengths], shape)
+    check_lengths("tunix", lengths, shape)
     return StepTimes("tunix", system_version("tunix"), str(shape), len(prompt.ids),
                      tuple(step_s), tuple(rollout_s))
 
 
-def rating_reward(tokenizer=None):
-    """(reward function for the peers' trainers, list of the token ids it scored): the rating
-    reward of the decoded text against the repeated ``rating`` column. TRL passes the
-    completions' ids; for Tunix, which passes text, they come from ``tokenizer``."""
+def rating_reward():
+    """(reward function for the peers' trainers, list of the completions' token ids it was
+    given, if any): the rating reward of the decoded text against the ``rating`` column,
+    which both trainers repeat per sample (TRL passes the ids, Tunix text alone)."""
     from reczero_jax.rewards import get_reward
 
     score, seen = get_reward("rating"), []
 
-    def reward(prompts, completions, rating, completion_ids=None, **_):
-        seen.extend(completion_ids if completion_ids is not None else
-                    [tokenizer(text, add_special_tokens=False)["input_ids"] for text in completions])
+    def reward(prompts, completions, rating, completion_ids=(), **_):
+        seen.extend(completion_ids)
         return [score(text, float(r)).reward for text, r in zip(completions, rating, strict=True)]
 
     return reward, seen
