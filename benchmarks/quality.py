@@ -34,8 +34,9 @@ add up across invocations in ``run_dir``/timings.json.
 batches and answers, ``QUICK_SAMPLES`` samples per split); ``tests/test_quality.py`` runs it
 on a tiny random model.
 
-Budget of the full run (``configs/quality_ml100k_smollm2.yaml``; its comments give the
-measured pieces): see ``ESTIMATE`` below; the estimate is printed at the start.
+Budget: ``estimate`` prices the config's pieces with the unit costs measured on the 2-core
+CPU (``Costs``); it is printed at the start and written into the report beside the measured
+wall times. For ``configs/quality_ml100k_smollm2.yaml``: see the comments there.
 """
 
 from __future__ import annotations
@@ -51,14 +52,29 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from benchmarks.quality_report import Evaluated, write_report
+from reczero_jax.baselines import fit_baselines, score
+from reczero_jax.config import load_config
+from reczero_jax.data import load_split
+from reczero_jax.data.subset import take_subset
+from reczero_jax.data.tfds_builder import SourceConfig, find_prepared, prepare
+from reczero_jax.evaluate import EvalSettings, by_history_length
+from reczero_jax.library_logs import library_logs_to
+from reczero_jax.models import from_pretrained
+from reczero_jax.models.dtypes import jax_dtype
+from reczero_jax.models.gguf import convert_gguf
+from reczero_jax.rewards import prediction_errors
+from reczero_jax.train.export import checkpoint_directory, restore_model
+from reczero_jax.train.loop import reference_steps, run
 
 DEFAULT_CONFIG = "configs/quality_ml100k_smollm2.yaml"
 DEFAULT_OUT = Path(__file__).with_name("QUALITY.md")
 SPLITS = ("validation", "test")
 SAMPLES = 200  # per split: issue 19 asks for at least 200 validation and 200 test samples
 RESAMPLES, SEED = 1000, 0  # bootstrap
+BATCH_SIZE = 50  # the table's evaluations: 200 records in 4 full batches (``Costs``)
 QUICK_SAMPLES = 4
 QUICK_OVERRIDES = (
     "data.train_samples=8", "data.eval_samples=2", "data.eval_split=validation",
@@ -72,7 +88,6 @@ QUICK_OVERRIDES = (
 class Arm:
     """One row group of the table: ``run`` None is the instruct model itself; ``policy`` is
     "base", "sft" (the run's checkpoint of its last SFT step) or "export" (its final policy)."""
-
     name: str
     run: str | None
     policy: str
@@ -88,6 +103,58 @@ ARMS = (
 COMPARISONS = (("SFT + GRPO (RecOne)", "SFT"), ("RecZero (GRPO, dynamic sampling)", "zero-shot"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """Wall seconds measured on the 2-core CPU (2.0 GHz Xeon; README, "The demo" and "Known
+    slow spots", and the evaluation batches measured for this script), SmolLM2-135M,
+    512-token prompts:
+
+    * ``sft_step``: an SFT step of 2 sequences of up to 704 tokens (39-52 s);
+    * ``rollout`` / ``update``: a GRPO rollout round / update of 2 prompts x 4 samples of up
+      to 160 tokens (32-50 s / 53-72 s); scaled by rows (prompts x samples) / 8;
+    * ``kl_factor``: the update with a KL reference (one more forward of the ~4 forward
+      equivalents of remat's update; reasoned, not measured);
+    * ``eval_batch(b) = eval_fixed + eval_per_row * b``: a greedy batch of b records decoded
+      to 192 new tokens (the zero-shot model writes to the limit; later arms stop earlier).
+    """
+
+    sft_step: float = 45.0
+    rollout: float = 41.0
+    update: float = 59.0
+    kl_factor: float = 1.25
+    eval_fixed: float = 56.0
+    eval_per_row: float = 3.75
+
+    def eval_batches(self, records: int, batch: int) -> float:
+        return -(-records // batch) * (self.eval_fixed + self.eval_per_row * batch)
+
+
+def estimate(configs: dict, samples: int, batch_size: int, costs: Costs = Costs()
+             ) -> dict[str, float]:
+    """Seconds per piece of ``make quality``, priced by ``costs``: SFT steps; GRPO steps
+    (RecZero at ``grpo.max_sampling_rounds`` rounds each, as when most groups have no reward
+    spread); the runs' evaluations (zero-shot, after each phase, a validation every
+    ``train.eval_every`` GRPO steps: ``data.eval_samples`` records each); the table's (4 arms
+    x 2 splits of ``samples`` records, batches of ``batch_size``)."""
+    pieces = {}
+    for name, config in configs.items():
+        grpo, train = config.grpo, config.train
+        if name == "recone":
+            pieces["recone SFT"] = (config.sft.steps * costs.sft_step
+                                    * config.sft.batch_size / 2)
+        rounds = grpo.max_sampling_rounds if grpo.dynamic_sampling else 1
+        update = costs.update * (costs.kl_factor if grpo.kl_coef else 1.0)
+        pieces[f"{name} GRPO"] = (train.steps * (rounds * costs.rollout + update)
+                                  * train.prompts_per_step * grpo.group_size / 8)
+        evaluations = (3 if name == "recone" else 2) + (
+            train.steps // train.eval_every if train.eval_every else 0)
+        pieces[f"{name} in-run evaluations"] = evaluations * costs.eval_batches(
+            config.data.eval_samples, train.eval_batch_size)
+    pieces["table evaluations"] = len(ARMS) * len(SPLITS) * costs.eval_batches(samples,
+                                                                                 batch_size)
+    return pieces
+
+
 # The two training runs: their overrides of the config (and run_dir = run_dir/<name>).
 RUNS = {"recone": ("algorithm=recone",),
         "reczero": ("algorithm=reczero", "grpo.dynamic_sampling=true")}
@@ -100,9 +167,6 @@ def run_overrides(name: str, root: Path) -> list[str]:
 def run_configs(path: str | None, overrides: Sequence[str]) -> dict:
     """The two runs' configs by name (``RUNS``): ``path`` with ``overrides``, then the run's
     own (``run_overrides``)."""
-    from reczero_jax.config import load_config
-    from reczero_jax.train.loop import reference_steps
-
     base = load_config(path, overrides)
     if base.train.checkpoint_dir:
         raise ValueError(f"train.checkpoint_dir={base.train.checkpoint_dir!r}: the quality runs "
@@ -123,8 +187,6 @@ def run_configs(path: str | None, overrides: Sequence[str]) -> dict:
 def finished(config) -> bool:
     """Whether ``config``'s run is done: its eval.json and export/ are written and its saved
     config is this one (``run`` on a finished run would redo the last evaluation)."""
-    from reczero_jax.config import load_config
-
     run_dir = Path(config.run_dir)
     return ((run_dir / "eval.json").is_file() and (run_dir / "export" / "config.json").is_file()
             and (run_dir / "config.yaml").is_file()
@@ -135,7 +197,6 @@ class Timings:
     """Wall seconds per piece of work, kept in a JSON file. A resumable piece's time adds up
     over the invocations that worked on it (an interrupted run's too); one redone whole each
     time (``accumulate=False``) keeps its latest."""
-
     def __init__(self, path: Path):
         self.path = path
         self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
@@ -154,9 +215,6 @@ class Timings:
 
 def ensure_run(config, timings: Timings) -> str:
     """Run (or resume) ``config``'s program unless it finished; returns what was done."""
-    from reczero_jax.library_logs import library_logs_to
-    from reczero_jax.train.loop import run
-
     if finished(config):
         print(f"[quality] reusing the finished run {config.run_dir}")
         return "reused"
@@ -176,7 +234,6 @@ def files_stamp(path: Path) -> str:
 
 
 def policy_path(arm: Arm, configs: dict) -> Path:
-    from reczero_jax.train.export import checkpoint_directory
 
     config = configs[arm.run or "recone"]
     if arm.policy == "base":
@@ -188,10 +245,6 @@ def policy_path(arm: Arm, configs: dict) -> Path:
 
 def load_policy(arm: Arm, configs: dict):
     """The arm's policy as a Decoder on one device, in the runs' dtypes and attention."""
-    from reczero_jax.models import from_pretrained
-    from reczero_jax.models.dtypes import jax_dtype
-    from reczero_jax.train.export import restore_model
-
     config = configs[arm.run or "recone"]
     if arm.policy == "sft":
         return restore_model(config.run_dir, config.sft.steps)[0]
@@ -204,11 +257,6 @@ def evaluate_arms(configs: dict, records: dict[str, list[dict]], batch_size: int
                   timings: Timings) -> list[Evaluated]:
     """Every arm on every split's ``records``: the saved evaluation when its key (arm, split,
     records, settings, the policy's files) matches, else a fresh one, saved."""
-    from transformers import AutoTokenizer
-
-    from reczero_jax.evaluate import EvalSettings
-    from reczero_jax.rewards import prediction_errors
-
     settings = EvalSettings.of_run(configs["recone"], batch_size=batch_size)
     tokenizer = AutoTokenizer.from_pretrained(configs["recone"].model.path)
     cache_dir = Path(configs["recone"].run_dir).parent / "evals"
@@ -247,10 +295,6 @@ def evaluate_arms(configs: dict, records: dict[str, list[dict]], batch_size: int
 def evaluate_baselines(data_dir: str, records: dict[str, list[dict]], timings: Timings
                        ) -> list[Evaluated]:
     """The classic baselines, fitted on the train split, scored on the same records."""
-    from reczero_jax.baselines import fit_baselines, score
-    from reczero_jax.data import load_split
-    from reczero_jax.evaluate import by_history_length
-
     with timings.timed("baselines", accumulate=False):  # cheap: redone every time
         train = load_split(data_dir, "train")
         predictors = fit_baselines([train[i] for i in range(len(train))])
@@ -271,9 +315,6 @@ def evaluate_baselines(data_dir: str, records: dict[str, list[dict]], timings: T
 
 def ensure_assets(config) -> None:
     """The offline default's model and data, as ``make demo`` prepares them, where missing."""
-    from reczero_jax.data.tfds_builder import SourceConfig, find_prepared, prepare
-    from reczero_jax.models.gguf import convert_gguf
-
     if not (Path(config.model.path) / "config.json").exists():
         print(f"[quality] converting SmolLM2-135M-Instruct -> {config.model.path}")
         convert_gguf(out_dir=config.model.path)
@@ -291,28 +332,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help=f"per split (default {SAMPLES}; "
                                                     f"--quick: {QUICK_SAMPLES})")
     parser.add_argument("--batch-size", type=int,
-                        help="batch of the table's evaluations (default: train.eval_batch_size)")
+                        help=f"batch of the table's evaluations (default {BATCH_SIZE}; "
+                             "--quick: train.eval_batch_size)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.quality " + shlex.join(
         list(argv) if argv is not None else sys.argv[1:])
     began = time.perf_counter()
-
-    from reczero_jax.data import load_split
-    from reczero_jax.data.subset import take_subset
-
     overrides = [*(QUICK_OVERRIDES if args.quick else ()), *args.overrides]
     configs = run_configs(args.config, overrides)
     samples = args.samples or (QUICK_SAMPLES if args.quick else SAMPLES)
     root = Path(configs["recone"].run_dir).parent
     timings = Timings(root / "timings.json")
+    batch_size = args.batch_size or (
+        configs["recone"].train.eval_batch_size if args.quick else BATCH_SIZE)
+    priced = estimate(configs, samples, batch_size)
+    print(f"[quality] estimated {sum(priced.values()) / 3600:.1f} h on the 2-core CPU: "
+          + ", ".join(f"{name} {seconds / 60:.0f} min" for name, seconds in priced.items()))
     ensure_assets(configs["recone"])
     done = {name: ensure_run(config, timings) for name, config in configs.items()}
     data_dir = configs["recone"].data.dir
     # The loop's own choice of evaluation records: the first n of the split.
     records = {split: take_subset(load_split(data_dir, split), samples) for split in SPLITS}
-    evaluated = (evaluate_arms(configs, records, args.batch_size, timings)
+    evaluated = (evaluate_arms(configs, records, batch_size, timings)
                  + evaluate_baselines(data_dir, records, timings))
     # The same runs by hand (each reuses or resumes like this script).
     commands = [command] + [
@@ -320,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   *run_overrides(name, root)])
         for name in configs]
     written = write_report(args.out, evaluated, configs=configs, comparisons=COMPARISONS,
-                           timings=timings.seconds, runs_done=done, commands=commands,
+                           timings=timings.seconds, estimated=priced, runs_done=done,
+                           commands=commands,
                            quick=args.quick, samples=samples, resamples=RESAMPLES, seed=SEED,
                            invocation_seconds=time.perf_counter() - began)
     print(f"[quality] wrote {', '.join(str(p) for p in written)}")

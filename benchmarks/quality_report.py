@@ -163,11 +163,15 @@ def curves_section(curves: Mapping[str, Sequence[Curve]], plots: Sequence[Path],
     return "\n\n".join(lines) + "\n"
 
 
-def wall_time_table(timings: Mapping[str, float], invocation_seconds: float) -> str:
+def wall_time_table(timings: Mapping[str, float], estimated: Mapping[str, float],
+                    invocation_seconds: float) -> str:
     lines = ["| piece | minutes |", "|---|---:|"]
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
     lines.append(f"| **total (sum of the pieces)** | **{sum(timings.values()) / 60:.1f}** |")
-    return ("\n".join(lines) + f"\n\nThis invocation: {invocation_seconds / 60:.1f} minutes "
+    priced = ", ".join(f"{name} {seconds / 60:.0f}" for name, seconds in estimated.items())
+    return ("\n".join(lines) + f"\n\nEstimated beforehand (`quality.estimate`, minutes): "
+            f"{priced}; total {sum(estimated.values()) / 60:.0f}.\n\n"
+            f"This invocation: {invocation_seconds / 60:.1f} minutes "
             "(reused runs and evaluations cost nothing; a piece's time adds up over the "
             "invocations that worked on it).\n")
 
@@ -192,9 +196,9 @@ def setup_line(configs: Mapping[str, Any], samples: int) -> str:
 
 def write_report(out: Path, evaluated: Sequence[Evaluated], *, configs: Mapping[str, Any],
                  comparisons: Sequence[tuple[str, str]], timings: Mapping[str, float],
-                 runs_done: Mapping[str, str], commands: Sequence[str], quick: bool,
-                 samples: int, resamples: int, seed: int, invocation_seconds: float
-                 ) -> list[Path]:
+                 estimated: Mapping[str, float], runs_done: Mapping[str, str],
+                 commands: Sequence[str], quick: bool, samples: int, resamples: int, seed: int,
+                 invocation_seconds: float) -> list[Path]:
     """Write the report ``out`` and its plots (``out``'s directory / ``PLOTS``); returns the
     files written."""
     out_dir = out.parent
@@ -227,7 +231,7 @@ def write_report(out: Path, evaluated: Sequence[Evaluated], *, configs: Mapping[
         "## By user-history length\n",
         history_table(evaluated),
         "## Wall time\n",
-        wall_time_table(timings, invocation_seconds),
+        wall_time_table(timings, estimated, invocation_seconds),
         "## Commands\n",
         "```bash\n" + "\n".join(commands) + "\n```\n",
     ]

@@ -6,9 +6,13 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import quality
+from benchmarks.quality_report import Evaluated, verdict
+
+CONFIG = str(Path(__file__).parents[1] / quality.DEFAULT_CONFIG)
 
 
 def quick_arguments(tmp_path, model_dir, data_dir):
@@ -69,12 +73,44 @@ def test_quick_quality_report_then_reuse(tiny_model_dir, small_ml100k, tmp_path,
 
 
 def test_quality_config_and_its_checks():
-    config = Path(__file__).parents[1] / quality.DEFAULT_CONFIG
-    configs = quality.run_configs(str(config), [])
+    configs = quality.run_configs(CONFIG, [])
     assert [c.algorithm for c in configs.values()] == ["recone", "reczero"]
     assert [c.grpo.dynamic_sampling for c in configs.values()] == [False, True]
     assert len({c.run_dir for c in configs.values()}) == 2
     with pytest.raises(ValueError, match="grpo.kl_coef > 0"):
-        quality.run_configs(str(config), ["grpo.kl_coef=0"])
+        quality.run_configs(CONFIG, ["grpo.kl_coef=0"])
     with pytest.raises(ValueError, match="checkpoint_dir"):
-        quality.run_configs(str(config), ["train.checkpoint_dir=/elsewhere"])
+        quality.run_configs(CONFIG, ["train.checkpoint_dir=/elsewhere"])
+
+
+def arm(name, errors):
+    errors = np.asarray(errors, dtype=np.float64)
+    return Evaluated(name, "validation", {"mae": float(np.abs(errors).mean())}, errors, {})
+
+
+def test_verdict_says_whether_grpo_beats_sft_from_the_paired_interval():
+    rng = np.random.default_rng(0)
+    sft = rng.choice([-2.0, -1.0, 0.0, 1.0, 2.0], size=200)
+    better = arm("SFT + GRPO", np.where(rng.random(200) < 0.5, 0.0, sft))
+    assert "**SFT + GRPO beats SFT** on MAE" in verdict(better, arm("SFT", sft), 1000, 0)
+    assert "**SFT is worse than SFT + GRPO**" in verdict(arm("SFT", sft), better, 1000, 0)
+    # Errors swapped between samples: the same MAE up to noise, the interval spans zero.
+    noisy = arm("SFT + GRPO", rng.permutation(sft))
+    line = verdict(noisy, arm("SFT", sft), 1000, 0)
+    assert "does not beat SFT on MAE within the 95% confidence interval" in line
+    low, high = map(float, line.split("paired 95% CI [")[1].split("]")[0].split(", "))
+    assert low < 0 < high
+
+
+def test_estimate_prices_the_configs_pieces():
+    configs = quality.run_configs(CONFIG, [])
+    costs = quality.Costs()
+    pieces = quality.estimate(configs, 200, 50, costs)
+    recone, reczero = configs["recone"], configs["reczero"]
+    assert pieces["recone SFT"] == recone.sft.steps * costs.sft_step
+    # RecZero samples up to max_sampling_rounds rounds per step, RecOne one.
+    assert pieces["reczero GRPO"] - pieces["recone GRPO"] == pytest.approx(
+        reczero.train.steps * (reczero.grpo.max_sampling_rounds - 1) * costs.rollout)
+    assert pieces["table evaluations"] == 8 * 4 * (costs.eval_fixed + 50 * costs.eval_per_row)
+    assert quality.estimate(configs, 400, 50, costs)["table evaluations"] == pytest.approx(
+        2 * pieces["table evaluations"])
