@@ -144,23 +144,27 @@ def line_plot(path: Path, title: str, curves: Sequence[Curve], *, smooth: bool) 
 
 PLOTTED = (("reward_mean", "GRPO sample reward (mean per step)", True),
            ("format_rate", "GRPO sample format rate", True),
-           ("val_mae", "validation MAE (greedy, in-run records)", False),
+           ("val_mae", "validation MAE (greedy, the runs' validation records)", False),
            ("dropped_fraction", "groups dynamic sampling dropped (fraction per step)", True))
 
 
 def curves_section(curves: Mapping[str, Sequence[Curve]], plots: Sequence[Path],
                    out_dir: Path) -> str:
-    """The plots' links and every curve's numbers."""
-    lines = [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]
+    """The plots' links, then every curve's numbers."""
+    links = "\n\n".join(f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots)
+    lines = []
     for name, title, _ in PLOTTED:
         for curve in curves.get(name, ()):
             values = ", ".join(f"{x:g}: {y:.3f}" for x, y in zip(curve.x, curve.y, strict=True))
-            lines.append(f"- {title}, {curve.label} (step: value): {values or 'none logged'}")
+            summary = ""
             if name == "dropped_fraction" and curve.y:
-                lines.append(f"  (mean {np.mean(curve.y):.3f}; first half "
-                             f"{np.mean(curve.y[: max(1, len(curve.y) // 2)]):.3f}, second half "
-                             f"{np.mean(curve.y[len(curve.y) // 2:]):.3f})")
-    return "\n\n".join(lines) + "\n"
+                half = max(1, len(curve.y) // 2)
+                summary = (f" (mean {np.mean(curve.y):.3f}; first half of the steps "
+                           f"{np.mean(curve.y[:half]):.3f}, second half "
+                           f"{np.mean(curve.y[half:] or curve.y[-1:]):.3f})")
+            lines.append(f"- {title}, {curve.label} (step: value): {values or 'none logged'}"
+                         + summary)
+    return links + "\n\n" + "\n".join(lines) + "\n"
 
 
 def wall_time_table(timings: Mapping[str, float], estimated: Mapping[str, float],
@@ -189,7 +193,10 @@ def setup_line(configs: Mapping[str, Any], samples: int) -> str:
         f"up to {grpo.max_new_tokens} new tokens, dynamic sampling "
         f"{'on' if grpo.dynamic_sampling else 'off'}). RecZero: the same GRPO from the instruct "
         f"model with dynamic sampling (up to {reczero.grpo.max_sampling_rounds} rounds per "
-        f"step). Evaluation: greedy, up to {train.eval_max_new_tokens} new tokens, the first "
+        f"step). In the runs: greedy evaluations of the first {recone.data.eval_samples} "
+        f"{recone.data.eval_split} records before and after each phase, and of the first "
+        f"{recone.data.eval_samples} validation records every {train.eval_every} GRPO steps "
+        f"(0: never). The table: greedy, up to {train.eval_max_new_tokens} new tokens, the first "
         f"{samples} records of each split for every row; a parse failure is scored with the "
         "user's average rating (`rewards.rating_metrics`).")
 
