@@ -362,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# {name}: reczero train " + shlex.join([args.config, *overrides,
                                                   *run_overrides(name, root)])
         for name in configs]
+    arm_phases = {arm.name: (arm.run, "SFT" if arm.policy == "sft" else "GRPO") for arm in ARMS}
     written = write_report(args.out, evaluated, configs=configs, comparisons=COMPARISONS,
+                           arm_phases=arm_phases,
                            timings=timings.seconds, estimated=priced, runs_done=done,
                            commands=commands,
                            quick=args.quick, samples=samples, resamples=RESAMPLES, seed=SEED,

@@ -167,13 +167,35 @@ def curves_section(curves: Mapping[str, Sequence[Curve]], plots: Sequence[Path],
     return links + "\n\n" + "\n".join(lines) + "\n"
 
 
+def training_seconds(config) -> dict[str, float]:
+    """Seconds of each training phase of a finished run, from its metrics.jsonl timestamps:
+    from the evaluation before the phase to the last row of the phase (its validations and
+    the evaluation after it included; the gap of an interruption too)."""
+    rows = read_metrics(config.run_dir)
+    evaluations = {r["phase"].removeprefix(EVAL_PREFIX): r["time"] for r in rows
+                   if r["phase"].startswith(EVAL_PREFIX)}
+    if config.algorithm == "recone":
+        return {"SFT": evaluations["after SFT"] - evaluations["zero-shot"],
+                "GRPO": rows[-1]["time"] - evaluations["after SFT"]}
+    return {"GRPO": rows[-1]["time"] - evaluations["zero-shot"]}
+
+
 def wall_time_table(timings: Mapping[str, float], estimated: Mapping[str, float],
-                    invocation_seconds: float) -> str:
-    lines = ["| piece | minutes |", "|---|---:|"]
+                    arm_training: Mapping[str, float], invocation_seconds: float) -> str:
+    """Per arm (training from ``training_seconds``, the table's evaluations from ``timings``),
+    then every timed piece and the estimate."""
+    lines = ["| arm | its training (min) | its table evaluations (min) |", "|---|---:|---:|"]
+    for arm, seconds in arm_training.items():
+        evaluations = sum(value for name, value in timings.items()
+                          if name.startswith(f"evaluate {arm} on "))
+        lines.append(f"| {arm} | {seconds / 60:.1f} | {evaluations / 60:.1f} |")
+    lines += ["", "| piece | minutes |", "|---|---:|"]
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
     lines.append(f"| **total (sum of the pieces)** | **{sum(timings.values()) / 60:.1f}** |")
     priced = ", ".join(f"{name} {seconds / 60:.0f}" for name, seconds in estimated.items())
-    return ("\n".join(lines) + f"\n\nEstimated beforehand (`quality.estimate`, minutes): "
+    return ("\n".join(lines) + "\n\nAn arm's training: from its run's metrics.jsonl timestamps "
+            "(the phase with its validations and the evaluation after it; the zero-shot arm "
+            "trains nothing). Estimated beforehand (`quality.estimate`, minutes): "
             f"{priced}; total {sum(estimated.values()) / 60:.0f}.\n\n"
             f"This invocation: {invocation_seconds / 60:.1f} minutes "
             "(reused runs and evaluations cost nothing; a piece's time adds up over the "
@@ -202,13 +224,17 @@ def setup_line(configs: Mapping[str, Any], samples: int) -> str:
 
 
 def write_report(out: Path, evaluated: Sequence[Evaluated], *, configs: Mapping[str, Any],
-                 comparisons: Sequence[tuple[str, str]], timings: Mapping[str, float],
-                 estimated: Mapping[str, float], runs_done: Mapping[str, str],
+                 comparisons: Sequence[tuple[str, str]], arm_phases: Mapping[str, tuple],
+                 timings: Mapping[str, float], estimated: Mapping[str, float], runs_done: Mapping[str, str],
                  commands: Sequence[str], quick: bool, samples: int, resamples: int, seed: int,
                  invocation_seconds: float) -> list[Path]:
     """Write the report ``out`` and its plots (``out``'s directory / ``PLOTS``); returns the
-    files written."""
+    files written. ``arm_phases``: {arm: (run name, training phase)}, the training an arm's
+    policy took ("zero-shot": none)."""
     out_dir = out.parent
+    phases = {name: training_seconds(config) for name, config in configs.items()}
+    arm_training = {arm: phases[run][phase] if run else 0.0
+                    for arm, (run, phase) in arm_phases.items()}
     curves: dict[str, list[Curve]] = {}
     for config in configs.values():
         for name, curve in run_curves(config).items():
@@ -238,7 +264,7 @@ def write_report(out: Path, evaluated: Sequence[Evaluated], *, configs: Mapping[
         "## By user-history length\n",
         history_table(evaluated),
         "## Wall time\n",
-        wall_time_table(timings, estimated, invocation_seconds),
+        wall_time_table(timings, estimated, arm_training, invocation_seconds),
         "## Commands\n",
         "```bash\n" + "\n".join(commands) + "\n```\n",
     ]
