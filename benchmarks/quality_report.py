@@ -108,8 +108,9 @@ def run_curves(config) -> dict[str, Curve]:
     validation = sorted({r["step"]: r for r in validation}.values(), key=lambda r: r["step"])
     curves = {name: Curve(label, [r["step"] - offset for r in grpo], [r[name] for r in grpo])
               for name in ("reward_mean", "format_rate") if grpo and name in grpo[0]}
-    curves["val_mae"] = Curve(label, [r["step"] - offset for r in validation],
-                              [r["mae"] for r in validation])
+    if validation:
+        curves["val_mae"] = Curve(label, [r["step"] - offset for r in validation],
+                                  [r["mae"] for r in validation])
     sampled = [r for r in grpo if "groups_dropped" in r]
     if sampled:
         curves["dropped_fraction"] = Curve(
@@ -162,8 +163,7 @@ def curves_section(curves: Mapping[str, Sequence[Curve]], plots: Sequence[Path],
                 summary = (f" (mean {np.mean(curve.y):.3f}; first half of the steps "
                            f"{np.mean(curve.y[:half]):.3f}, second half "
                            f"{np.mean(curve.y[half:] or curve.y[-1:]):.3f})")
-            lines.append(f"- {title}, {curve.label} (step: value): {values or 'none logged'}"
-                         + summary)
+            lines.append(f"- {title}, {curve.label} (step: value): {values}{summary}")
     return links + "\n\n" + "\n".join(lines) + "\n"
 
 
