@@ -197,6 +197,7 @@ class Timings:
     """Wall seconds per piece of work, kept in a JSON file. A resumable piece's time adds up
     over the invocations that worked on it (an interrupted run's too); one redone whole each
     time (``accumulate=False``) keeps its latest."""
+
     def __init__(self, path: Path):
         self.path = path
         self.seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
@@ -221,6 +222,9 @@ def ensure_run(config, timings: Timings) -> str:
     print(f"[quality] running {config.algorithm} in {config.run_dir}")
     with timings.timed(f"{config.algorithm} run"), library_logs_to(Path(config.run_dir)):
         run(config)
+    if not finished(config):  # run returns early on SIGTERM, its checkpoint saved
+        raise RuntimeError(f"the run in {config.run_dir} stopped before its end; the same "
+                           "command resumes it")
     return "ran"
 
 
