@@ -88,6 +88,7 @@ QUICK_OVERRIDES = (
 class Arm:
     """One row group of the table: ``run`` None is the instruct model itself; ``policy`` is
     "base", "sft" (the run's checkpoint of its last SFT step) or "export" (its final policy)."""
+
     name: str
     run: str | None
     policy: str
