@@ -6,8 +6,10 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from benchmarks import quality
 from benchmarks.quality_report import Evaluated, verdict
@@ -15,9 +17,8 @@ from benchmarks.quality_report import Evaluated, verdict
 CONFIG = str(Path(__file__).parents[1] / quality.DEFAULT_CONFIG)
 
 
-def quick_arguments(tmp_path, model_dir, data_dir):
-    return ["--quick", "--out", str(tmp_path / "report" / "QUALITY.md"),
-            f"run_dir={tmp_path / 'runs'}", f"model.path={model_dir}", f"data.dir={data_dir}",
+def quick_overrides(tmp_path, model_dir, data_dir):
+    return [f"run_dir={tmp_path / 'runs'}", f"model.path={model_dir}", f"data.dir={data_dir}",
             "data.max_prompt_tokens=512", "sft.max_response_tokens=256"]
 
 
@@ -28,7 +29,9 @@ ROW = re.compile(r"^\| (?P<arm>[^|]+) \| (?P<split>validation|test) \| (?P<n>\d+
 
 @pytest.mark.slow
 def test_quick_quality_report_then_reuse(tiny_model_dir, small_ml100k, tmp_path, capsys):
-    arguments = quick_arguments(tmp_path, tiny_model_dir, small_ml100k)
+    overrides = quick_overrides(tmp_path, tiny_model_dir, small_ml100k)
+    arguments = ["--quick", "--config", CONFIG, "--out", str(tmp_path / "report" / "QUALITY.md"),
+                 *overrides]
     assert quality.main(arguments) == 0
     report = (tmp_path / "report" / "QUALITY.md").read_text()
     rows = {(m["arm"], m["split"]): m for m in ROW.finditer(report)}
@@ -49,6 +52,13 @@ def test_quick_quality_report_then_reuse(tiny_model_dir, small_ml100k, tmp_path,
     for name in ("reward_mean", "format_rate", "val_mae", "dropped_fraction"):
         assert (tmp_path / "report" / "quality" / f"{name}.png").stat().st_size > 0
         assert f"](quality/{name}.png)" in report
+    # The SFT arm is the post-SFT checkpoint and RecOne's the export after it, not the base
+    # (GRPO may not move the tiny model: its groups have no reward spread).
+    configs = quality.run_configs(CONFIG, [*quality.QUICK_OVERRIDES, *overrides])
+    first_leaf = {arm.name: np.asarray(jax.tree.leaves(nnx.state(
+        quality.load_policy(arm, configs)))[0]) for arm in quality.ARMS[:3]}
+    assert not np.array_equal(first_leaf["zero-shot"], first_leaf["SFT"])
+    assert not np.array_equal(first_leaf["zero-shot"], first_leaf["SFT + GRPO (RecOne)"])
     timings = json.loads((tmp_path / "runs" / "timings.json").read_text())
     assert {"recone run", "reczero run", "baselines"} <= timings.keys()
     assert sum(name.startswith("evaluate ") for name in timings) == 8  # 4 arms x 2 splits
