@@ -1,11 +1,12 @@
 # make test: ruff + pytest in .venv (created and filled on first use).
 # make demo: the main job on the offline default (SmolLM2-135M, MovieLens-100k).
+# make quality: the quality report benchmarks/QUALITY.md (hours on a 2-core CPU; resumable).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean-venv
+.PHONY: test demo quality lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ test: lint
 
 demo: $(STAMP)
 	$(VENV)/bin/reczero demo
+
+quality: $(STAMP)
+	$(PY) -m benchmarks.quality
 
 PEERS_STAMP := $(VENV)/.peers-installed
 

@@ -22,7 +22,10 @@ from reczero_jax.rewards import (
     VARIANTS,
     TokenBytes,
     TokenRewardFn,
+    bootstrap_difference,
+    bootstrap_intervals,
     get_reward,
+    prediction_errors,
     rating_metrics,
     rating_reward,
 )
@@ -618,6 +621,61 @@ def test_rating_metrics_reject_bad_input():
         rating_metrics([None], [4], float("nan"), [False])
     with pytest.raises(ValueError, match="at least one"):
         rating_metrics([], [], 3.0, [])
+
+
+def test_prediction_errors_follow_the_metrics_fallback():
+    predictions, truths, fallback = [4.0, None, 2.6, float("nan")], [4, 3, 3, 5], [3.2, 6.0, 3, 0.5]
+    errors = prediction_errors(predictions, truths, fallback)
+    np.testing.assert_allclose(errors, [0.0, 2.0, -0.4, -4.0])
+    metrics = rating_metrics(predictions, truths, fallback, [True] * 4)
+    assert metrics["mae"] == pytest.approx(np.abs(errors).mean())
+    assert metrics["rmse"] == pytest.approx(np.sqrt((errors**2).mean()))
+
+
+def test_bootstrap_intervals_of_a_known_small_input():
+    # Two samples, errors 0 and 2: a draw holds both errors 0 (p = 1/4), one of each (1/2) or
+    # both 2 (1/4), so MAE is 0, 1 or 2 and RMSE 0, sqrt(2) or 2; the 2.5/97.5 percentiles of
+    # 4000 draws are the extremes.
+    intervals = bootstrap_intervals([0.0, -2.0], resamples=4000, seed=1)
+    assert intervals == {"mae": (0.0, 2.0), "rmse": (0.0, 2.0)}
+    # Equal errors: every draw is the same, the interval a point.
+    assert bootstrap_intervals([1.5, -1.5, 1.5]) == {"mae": (1.5, 1.5), "rmse": (1.5, 1.5)}
+
+
+def test_bootstrap_intervals_contain_the_estimate_shrink_with_n_and_repeat_with_the_seed():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (20, 200, 2000):
+        errors = rng.choice([-2.0, -1.0, 0.0, 0.0, 1.0, 3.0], size=n)
+        intervals = bootstrap_intervals(errors)
+        mae, rmse = np.abs(errors).mean(), np.sqrt((errors**2).mean())
+        assert intervals["mae"][0] <= mae <= intervals["mae"][1]
+        assert intervals["rmse"][0] <= rmse <= intervals["rmse"][1]
+        widths.append(intervals["mae"][1] - intervals["mae"][0])
+        assert bootstrap_intervals(errors, seed=0) == intervals
+        assert bootstrap_intervals(errors, seed=1) != intervals
+    # The width falls about as 1 / sqrt(n): ~sqrt(10) per step.
+    assert widths[0] > 2 * widths[1] > 4 * widths[2] > 0
+    narrow = bootstrap_intervals(errors, level=0.5)["mae"]
+    assert intervals["mae"][0] < narrow[0] < narrow[1] < intervals["mae"][1]
+
+
+def test_bootstrap_difference_is_paired():
+    # b is a's errors plus 1 on every sample: each paired draw differs by exactly -1, whatever
+    # samples it takes (unpaired intervals of a and b would overlap).
+    a = np.random.default_rng(3).choice([0.0, 1.0, 2.0, 3.0], size=50)
+    assert bootstrap_difference(a, a + 1.0) == pytest.approx((-1.0, -1.0))
+    low, high = bootstrap_difference(a, np.zeros(50))
+    assert 0 < low <= np.abs(a).mean() <= high
+
+
+def test_bootstrap_rejects_bad_input():
+    with pytest.raises(ValueError, match="n >= 1"):
+        bootstrap_intervals([])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_intervals([1.0], level=95)
+    with pytest.raises(ValueError, match="same samples"):
+        bootstrap_difference([1.0, 2.0], [1.0])
 
 
 # ----------------------------------------------------------------- Qwen2 tokenizer

@@ -5,7 +5,8 @@
   (``rating``, ``exact``, ``think_answer``, ``answer_only``).
 * ``TokenRewardFn(tokenizer, kind="rating")``: the same rules on response token ids of a
   byte-level BPE tokenizer, jittable (``reczero_jax.rewards.device``).
-* ``rating_metrics``: MAE, RMSE and accuracies that count parse failures.
+* ``rating_metrics``: MAE, RMSE and accuracies that count parse failures;
+  ``bootstrap_intervals`` / ``bootstrap_difference``: their bootstrap confidence intervals.
 """
 
 from reczero_jax.rewards.byte_table import TokenBytes
@@ -18,7 +19,12 @@ from reczero_jax.rewards.host import (
     get_variant,
     rating_reward,
 )
-from reczero_jax.rewards.metrics import rating_metrics
+from reczero_jax.rewards.metrics import (
+    bootstrap_difference,
+    bootstrap_intervals,
+    prediction_errors,
+    rating_metrics,
+)
 
 __all__ = [
     "VARIANTS",
@@ -26,8 +32,11 @@ __all__ = [
     "RewardVariant",
     "TokenBytes",
     "TokenRewardFn",
+    "bootstrap_difference",
+    "bootstrap_intervals",
     "get_reward",
     "get_variant",
+    "prediction_errors",
     "rating_metrics",
     "rating_reward",
 ]
