@@ -3,7 +3,7 @@ the same data and evaluated on the same samples, next to the classic baselines, 
 95% confidence intervals; writes ``benchmarks/QUALITY.md`` and its plots (issue 19).
 
     python -m benchmarks.quality [--config configs/quality_ml100k_smollm2.yaml]
-        [--out benchmarks/QUALITY.md] [--samples 200] [--batch-size 50] [--quick] [key=value ...]
+        [--out benchmarks/QUALITY.md] [--samples 200] [--batch-size 100] [--quick] [key=value ...]
 
 The arms come from two training runs (``train.loop.run``), so SFT is trained once:
 
@@ -244,7 +244,7 @@ def files_stamp(path: Path) -> str:
 
 
 def policy_path(arm: Arm, configs: dict) -> Path:
-
+    """Where the arm's policy lives: the instruct model, the SFT checkpoint, or the export."""
     config = configs[arm.run or "recone"]
     if arm.policy == "base":
         return Path(config.model.path)
