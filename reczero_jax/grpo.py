@@ -282,27 +282,9 @@ def _scaled_logits(logits: jax.Array, temperature: float) -> jax.Array:
     return logits.astype(jnp.float32) / temperature
 
 
-def _log_partition(scaled: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """log Z and the entropy of softmax(x) over the last axis, with one exponential per entry:
-    with m = max_v x_v, z = x - m, S = sum_v e^{z_v},
-
-        log Z = m + log S,      H = -sum_v p_v log p_v = log S - sum_v e^{z_v} z_v / S.
-
-    Both are invariant to the shift m, so holding m constant (``stop_gradient``) leaves their
-    gradients exact. [..., V] -> ([...], [...])."""
-    top = jax.lax.stop_gradient(scaled.max(axis=-1, keepdims=True))
-    shifted = scaled - top
-    weights = jnp.exp(shifted)
-    total = weights.sum(axis=-1)
-    log_total = jnp.log(total)
-    return top[..., 0] + log_total, log_total - (weights * shifted).sum(axis=-1) / total
-
-
-def token_logprobs_and_entropy(logits: jax.Array, targets: jax.Array,
-                               temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """(log softmax(logits / temperature)[targets], entropy of softmax(logits / temperature))
-    per position in float32, from one pass over the logits: logits [N, T, V], targets [N, T]
-    int -> ([N, T], [N, T]).
+def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """log softmax(logits / temperature)[targets] in float32: logits [N, T, V], targets
+    [N, T] int -> [N, T].
 
     Position t's logits must score targets[:, t] (the next token: the caller shifts). Use the
     sampler's temperature so the log-probs are those of the distribution that was sampled.
@@ -313,26 +295,22 @@ def token_logprobs_and_entropy(logits: jax.Array, targets: jax.Array,
         )
     scaled = _scaled_logits(logits, temperature)
     picked = jnp.take_along_axis(scaled, targets[..., None].astype(jnp.int32), axis=-1)
-    log_z, entropy = _log_partition(scaled)
-    return picked[..., 0] - log_z, entropy
-
-
-def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """log softmax(logits / temperature)[targets] in float32 (``token_logprobs_and_entropy``'s
-    first half; XLA drops the unused entropy): logits [N, T, V], targets [N, T] int -> [N, T]."""
-    return token_logprobs_and_entropy(logits, targets, temperature)[0]
-
-
-def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """Entropy H = -sum_v p_v log p_v of softmax(logits / temperature) per position in float32:
-    [N, T, V] -> [N, T]."""
-    return _log_partition(_scaled_logits(logits, temperature))[1]
+    return picked[..., 0] - jax.nn.logsumexp(scaled, axis=-1)
 
 
 def sft_loss(target_logp: jax.Array, mask: jax.Array) -> LossTerms:
     """Next-token cross-entropy on response tokens: target_logp, mask [N, T] ->
     LossTerms(-sum_M log p(target), |M|) (token-mean; prompt positions are masked out)."""
     return masked_aggregate(-target_logp, mask, "token-mean")
+
+
+def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """Entropy of softmax(logits / temperature) per position in float32: [N, T, V] -> [N, T].
+
+    H = -sum_v p_v log p_v
+    """
+    log_probs = jax.nn.log_softmax(_scaled_logits(logits, temperature), axis=-1)
+    return -(jnp.exp(log_probs) * log_probs).sum(axis=-1)
 
 
 def entropy_from_logits(logits: jax.Array, mask: jax.Array, temperature: float = 1.0

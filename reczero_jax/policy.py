@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from reczero_jax.grpo import token_logprobs_and_entropy
+from reczero_jax.grpo import token_entropy, token_logprobs
 from reczero_jax.mesh import constrain
 from reczero_jax.models.decoder import (
     Decoder,
@@ -89,8 +89,8 @@ def sequence_hidden(model: Decoder, input_ids: jax.Array, attention_mask: jax.Ar
 def token_stats(model: Decoder, hidden: jax.Array, targets: jax.Array, *,
                 temperature: float = 1.0, chunk: int = 0) -> TokenStats:
     """Log-prob of ``targets`` [..., T] and entropy at each position, from ``hidden``
-    [..., T, d] through the model's LM head: ``grpo.token_logprobs_and_entropy`` of its
-    logits (one pass over them for both).
+    [..., T, d] through the model's LM head: ``grpo.token_logprobs`` and ``grpo.token_entropy``
+    of its logits.
 
     ``chunk`` = 0 builds the [..., T, V] float32 logits at once. ``chunk`` = c > 0 scans
     ceil(T / c) chunks of c positions (T padded with positions that are dropped), each a
@@ -101,7 +101,9 @@ def token_stats(model: Decoder, hidden: jax.Array, targets: jax.Array, *,
         raise ValueError(f"grpo.logprob_chunk must be >= 0 (0: unchunked); got {chunk}")
 
     def stats(h, t):
-        return TokenStats(*token_logprobs_and_entropy(model.logits(h), t, temperature))
+        logits = model.logits(h)
+        return TokenStats(token_logprobs(logits, t, temperature),
+                          token_entropy(logits, temperature))
 
     length = targets.shape[-1]
     if chunk == 0 or chunk >= length:

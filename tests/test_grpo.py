@@ -310,33 +310,6 @@ def test_entropy():
     )
 
 
-
-def test_one_pass_logprobs_and_entropy_equal_the_log_softmax_forms_with_their_gradients():
-    """The shared pass (one exp per entry, the max held constant) gives the log-probs and the
-    entropy of log_softmax, and their gradients, at temperatures 1 and 0.7."""
-    rng = np.random.default_rng(4)
-    logits = jnp.asarray(rng.normal(size=(2, 3, 11)).astype(np.float32) * 4)
-    targets = jnp.asarray(rng.integers(0, 11, size=(2, 3)))
-    weights = jnp.asarray(rng.normal(size=(2, 2, 3)).astype(np.float32))
-
-    def by_log_softmax(x, temperature):
-        lp = jax.nn.log_softmax(x / temperature, axis=-1)
-        return (jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0],
-                -(jnp.exp(lp) * lp).sum(-1))
-
-    for temperature in (1.0, 0.7):
-        def weighted(fn, temperature=temperature):
-            return lambda x: sum((w * out).sum() for w, out in zip(weights, fn(x), strict=True))
-
-        one_pass = functools.partial(grpo.token_logprobs_and_entropy, targets=targets,
-                                     temperature=temperature)
-        reference = functools.partial(by_log_softmax, temperature=temperature)
-        for got, want in zip(one_pass(logits), reference(logits), strict=True):
-            _close(got, want, tol=1e-5)
-        _close(jax.grad(weighted(one_pass))(logits), jax.grad(weighted(reference))(logits),
-               tol=1e-5)
-
-
 # ---------------------------------------------------------------- accumulation invariance
 
 N, T, D, V = 8, 6, 5, 13
