@@ -1,6 +1,8 @@
 """Hugging Face interop: tiny random transformers checkpoints -> from_pretrained -> logits
-against transformers (fp32, eager attention) -> save_pretrained -> transformers reloads."""
+against transformers (eager attention, run in float64 as the reference) -> save_pretrained ->
+transformers reloads."""
 
+import copy
 import json
 import shutil
 
@@ -22,8 +24,11 @@ TOLERANCE = 1e-5
 
 
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    """transformers' logits for ``ids`` from a float64 copy of ``model``: the reference is then
+    exact to about 1e-12, so a difference measures our float32 forward alone, not the sum of
+    two float32 implementations' rounding (ours is about 3e-6 from it on these models)."""
     with torch.no_grad():
-        return model(input_ids=torch.as_tensor(ids)).logits.float().numpy()
+        return copy.deepcopy(model).double()(input_ids=torch.as_tensor(ids)).logits.numpy()
 
 
 @nnx.jit
@@ -64,7 +69,10 @@ def test_long_sequence_matches_transformers(checkpoint):
     diff = max_diff(ours, torch_logits(torch_model, LONG_IDS))
     print(f"{case}: {LONG_IDS.shape[1]} tokens, max |logit diff| vs transformers = {diff:.2e}")
     assert ours.shape == (*LONG_IDS.shape, HF_TINY["vocab_size"]) and ours.dtype == np.float32
-    assert diff < TOLERANCE
+    # On failure, say whether our forward is reproducible: a CI run once measured 6.2e-4 here
+    # that no local run repeats (3e-6, bit-identical over 60 calls under load).
+    assert diff < TOLERANCE, (f"{diff:.2e}; the same forward again differs from the first by "
+                              f"{max_diff(ours, long_logits(model)):.2e}")
 
 
 def test_left_padded_batch_matches_each_row_alone(checkpoint):
