@@ -34,9 +34,12 @@ KEY_RATINGS = {"a": 1, "b": 5}
 PROMPT_LENGTH = 4
 SFT_STEPS, SFT_BATCH, SFT_LR = 100, 16, 1e-2
 GRPO_STEPS, GRPO_PROMPTS, GRPO_LR = 150, 8, 1e-3
-# LoRA (rank 16, alpha 32) on the seven projections and the LM head: twice the steps, the
-# same LR and margin (at LR 3e-3 the reward reached 1.84 by step 90, then fell back to 0.9).
-LORA_STEPS, LORA_LR, LORA_RANK, LORA_ALPHA = 300, 1e-3, 16, 32.0
+# LoRA (rank 16, alpha 16) on the seven projections and the LM head: twice the steps, the
+# same LR and margin. The reward idles near 1.0, takes off, then stays at 2 unless the step is
+# too large: at alpha 32 (twice the update) it collapsed to 0.9 after reaching 2 under one
+# rounding (XLA's kernels at -O0) and not under another (the default level); at LR 3e-3 by
+# step 100. Alpha 16 took off near step 190 and held under both (last 20 steps 1.99).
+LORA_STEPS, LORA_LR, LORA_RANK, LORA_ALPHA = 300, 1e-3, 16, 16.0
 LORA_TARGETS = (*lora.TARGETS, "lm_head")
 WINDOW = 20  # steps averaged at each end of the reward curve
 MARGIN = 0.5
@@ -155,7 +158,7 @@ def rating_logit_caps(tokenizer, state) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_mean_reward_rises_with_lora_on_the_projections_and_the_head(warm_started):
-    """LoRA (rank 16, alpha 32) on the seven projections and the LM head, from the same warm
+    """LoRA (rank 16, alpha 16) on the seven projections and the LM head, from the same warm
     start, rises by full fine-tuning's margin. The head's adapter is what lets it: with the
     final norm and LM head frozen, one rating token's logit can rise above another's by at
     most sqrt(d) |g * (w_i - w_j)| (the hidden state is RMS-normalised): 1.55 nats between "5"
