@@ -1,18 +1,12 @@
-"""Test set-up: 8 simulated CPU devices, XLA's CPU kernels compiled at -O0, no hub access
-and one compilation cache for the run, set before jax is imported."""
+"""Test set-up: 8 simulated CPU devices, no hub access and one compilation cache for the run,
+set before jax is imported."""
 
 import os
 import shutil
 import tempfile
 
-# LLVM at -O0 for XLA's CPU kernels: the tests' models are tiny, so their time goes to
-# compiling, not running; -O0 cuts it by about 40% (two train-step tests: 112 s -> 66 s)
-# while the matmuls still run in the precompiled Eigen/YNNPACK libraries. A level the caller
-# sets wins.
-_LLVM_LEVEL = ("" if "--xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")
-               else " --xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _LLVM_LEVEL
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

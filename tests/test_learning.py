@@ -37,8 +37,8 @@ GRPO_STEPS, GRPO_PROMPTS, GRPO_LR = 150, 8, 1e-3
 # LoRA (rank 16, alpha 16) on the seven projections and the LM head: twice the steps, the
 # same LR and margin. The reward idles near 1.0, takes off, then stays at 2 unless the step is
 # too large: at alpha 32 (twice the update) it collapsed to 0.9 after reaching 2 under one
-# rounding (XLA's kernels at -O0) and not under another (the default level); at LR 3e-3 by
-# step 100. Alpha 16 took off near step 190 and held under both (last 20 steps 1.99).
+# rounding (XLA's CPU kernels at -O0) and not under the default one; at LR 3e-3 by step 100.
+# Alpha 16 took off near step 190 and held under both (last 20 steps 1.99).
 LORA_STEPS, LORA_LR, LORA_RANK, LORA_ALPHA = 300, 1e-3, 16, 16.0
 LORA_TARGETS = (*lora.TARGETS, "lm_head")
 WINDOW = 20  # steps averaged at each end of the reward curve
