@@ -1,6 +1,6 @@
-"""`reczero compare` passes on a tiny random Qwen2 checkpoint (built-in prompts and prepared
-verl data in the authors' layout) and on SmolLM2-135M, fails when its tolerances are scaled to
-zero, and its re-statement of the authors' reward gives the hand-computed rewards."""
+"""`reczero compare` passes on a tiny random Qwen2 checkpoint (prepared verl data in the
+authors' layout) and on SmolLM2-135M (the built-in prompts), fails when its tolerances are
+scaled to zero, and its re-statement of the authors' reward gives the hand-computed rewards."""
 
 import argparse
 import contextlib
@@ -98,11 +98,19 @@ def prepared_verl(directory, texts, authors: bool):
     return directory / "data"
 
 
-def test_tiny_qwen2_passes_on_verl_data_in_the_authors_layout(tiny_qwen2_dir, tmp_path,
+@pytest.fixture(scope="module")
+def authors_verl(tmp_path_factory):
+    return prepared_verl(tmp_path_factory.mktemp("verl") / "authors", AUTHORS_TEXTS, authors=True)
+
+
+# Both runs on the tiny model take the same inputs and sizes, so the second compiles nothing.
+TINY_RUN = ("--n", 3, "--max-new-tokens", 8, "--group-size", 3)
+
+
+def test_tiny_qwen2_passes_on_verl_data_in_the_authors_layout(tiny_qwen2_dir, authors_verl,
                                                               qwen2_tokenizer):
-    data = prepared_verl(tmp_path / "authors", AUTHORS_TEXTS, authors=True)
-    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", data,
-                                 "--n", 3, "--max-new-tokens", 8, "--group-size", 3)
+    data = authors_verl
+    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", data, *TINY_RUN)
     assert status == 0, stdout
     assert stdout.rstrip().endswith("result: PASS")
     assert f"inputs: 3 test samples of {data}" in stdout
@@ -126,9 +134,9 @@ def test_plain_text_verl_prompts_go_through_the_chat_template(tmp_path, qwen2_to
     assert truths == [5, 2, 4]
 
 
-def test_tiny_qwen2_fails_with_zero_tolerance(tiny_qwen2_dir):
-    status, stdout = run_compare("--model", tiny_qwen2_dir, "--n", 2, "--max-new-tokens", 4,
-                                 "--group-size", 2, "--tolerance-scale", 0)
+def test_tiny_qwen2_fails_with_zero_tolerance(tiny_qwen2_dir, authors_verl):
+    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", authors_verl, *TINY_RUN,
+                                 "--tolerance-scale", 0)
     assert status == 1
     # fp32 sums in another order cannot match to the last bit at every position
     assert "result: FAIL" in stdout and "logits max |diff|" in stdout.splitlines()[-1]

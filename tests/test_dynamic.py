@@ -20,8 +20,8 @@ from reczero_jax import mesh as meshlib
 from reczero_jax.config import GRPOConfig, load_config
 from reczero_jax.policy import response_hidden, token_stats
 from reczero_jax.train.dynamic import left_padded_prompts, sample_informative
-from tests import multiprocess_worker as worker
-from tests.helpers import G, P, fake_rollout, free_port, tiny_model, wait_for
+from reczero_jax.train.step import Rollout
+from tests.helpers import G, P, R, fake_rollout, free_port, tiny_model, wait_for
 
 PAD = 0
 
@@ -136,6 +136,24 @@ def test_rounds_sharded_over_a_mesh_are_gathered_on_device():
 # --- several processes: the same selection everywhere, gathered from global arrays ----------
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+GROUPS = 8
+
+
+def synthetic_rollout(step: int, vocab: int) -> Rollout:
+    """The whole global rollout of ``step`` (GROUPS prompts) as numpy arrays, the same in
+    every process."""
+    rng = np.random.RandomState(step)
+    prompt_mask = np.ones((GROUPS, P), np.int32)
+    prompt_mask[1::2, : 2 + step] = 0  # left padding, different per step
+    lengths = rng.randint(1, R + 1, (GROUPS, G)).astype(np.int32)
+    rewards = rng.randn(GROUPS, G).astype(np.float32)
+    return Rollout(
+        prompt_ids=rng.randint(4, vocab, (GROUPS, P)).astype(np.int32), prompt_mask=prompt_mask,
+        responses=rng.randint(4, vocab, (GROUPS, G, R)).astype(np.int32),
+        response_mask=(np.arange(R) < lengths[..., None]).astype(np.float32),
+        old_logp=np.zeros((GROUPS, G, R), np.float32), rewards=rewards,
+        advantages=rewards - rewards.mean(1, keepdims=True), format_ok=np.ones((GROUPS, G), bool),
+        ratings=np.full((GROUPS, G), 3.0, np.float32), lengths=lengths)
 
 
 def global_rounds(mesh):
@@ -143,10 +161,10 @@ def global_rounds(mesh):
     equal rewards; round 1's prompts 4 tokens longer) and ratings, each process feeding its
     block of the global arrays."""
     index, count = distributed.process_batch_share(mesh)
-    rows = slice(index * worker.B // count, (index + 1) * worker.B // count)
+    rows = slice(index * GROUPS // count, (index + 1) * GROUPS // count)
 
     def sample_round(k):
-        scored = worker.synthetic_rollout(k, 96)
+        scored = synthetic_rollout(k, 96)
         rewards = scored.rewards.copy()
         rewards[k::3] = -1.0
         scored = scored._replace(rewards=rewards)
@@ -154,7 +172,7 @@ def global_rounds(mesh):
             pad = ((0, 0), (4, 0))
             scored = scored._replace(prompt_ids=np.pad(scored.prompt_ids, pad, constant_values=PAD),
                                      prompt_mask=np.pad(scored.prompt_mask, pad))
-        truths = np.arange(worker.B, dtype=np.float32) + 100 * k
+        truths = np.arange(GROUPS, dtype=np.float32) + 100 * k
         return distributed.global_batch(jax.tree.map(lambda x: x[rows], (scored, truths)), mesh)
 
     return sample_round

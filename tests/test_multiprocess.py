@@ -1,79 +1,16 @@
-"""Multi-host code paths with several CPU processes on this machine (reczero_jax.distributed).
-
-The slow test starts 2 processes with 4 CPU devices each (gloo collectives over localhost);
-they train 2 GRPO steps on one (data=2, fsdp=2, tensor=2) mesh over the 8 devices, each
-feeding its half of every batch, and save a checkpoint together. This process (8 devices,
-tests/conftest.py) runs the same steps alone and restores that checkpoint.
-"""
+"""Multi-host set-up in one process (reczero_jax.distributed): the calls that do nothing or
+fail clearly without other processes, and the global batch. Several processes run the whole
+program in tests/test_multiprocess_loop.py (training, checkpoints restored in one process)
+and the dynamic-sampling selection in tests/test_dynamic.py."""
 
 import argparse
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from reczero_jax import distributed
 from reczero_jax.mesh import make_mesh
-from reczero_jax.train.checkpoint import Checkpointer
-from tests import multiprocess_worker as worker
-from tests.helpers import free_port, tiny_model, wait_for
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def start_processes(out: Path, count: int, devices_each: int) -> list[subprocess.Popen]:
-    """``count`` workers (tests/multiprocess_worker.py) joined through a free localhost port."""
-    port = free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
-    for name in distributed.ENV.values():
-        env.pop(name, None)
-    return [subprocess.Popen(
-        [sys.executable, "-m", "tests.multiprocess_worker", "--coordinator", f"localhost:{port}",
-         "--num-processes", str(count), "--process-id", str(index), "--out", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for index in range(count)]
-
-
-
-
-@pytest.mark.slow
-def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_path):
-    procs = start_processes(tmp_path, count=2, devices_each=4)
-    # Meanwhile, the same steps in this one process over its 8 devices.
-    mesh = make_mesh(**worker.MESH)
-    reference = worker.train(mesh)
-    for index, output in enumerate(wait_for(procs, timeout=240)):
-        assert f"process {index} of 2: 4 local of 8 devices" in output
-    multi = dict(np.load(tmp_path / "params.npz"))
-
-    single = worker.flat_numpy(reference.params)
-    initial = worker.flat_numpy(nnx.state(tiny_model()))
-    assert single.keys() == multi.keys() == initial.keys()
-    for name in single:
-        assert np.abs(single[name] - initial[name]).max() > 1e-3, f"{name} did not train"
-        np.testing.assert_allclose(multi[name], single[name], rtol=0, atol=1e-6, err_msg=name)
-
-    with Checkpointer(tmp_path / "checkpoints") as checkpoints:
-        restored = checkpoints.restore(abstract_params=reference.params,
-                                       param_sharding=reference.param_sharding,
-                                       abstract_opt_state=reference.opt_state,
-                                       opt_sharding=reference.opt_sharding)
-    assert restored.step == worker.STEPS
-    for name, value in worker.flat_numpy(restored.params).items():
-        np.testing.assert_array_equal(value, multi[name], err_msg=name)
-    leaves = jax.tree.leaves(restored.opt_state)
-    assert leaves and all(leaf.sharding.mesh.devices.size == 8 for leaf in leaves)
-    for restored_leaf, reference_leaf in zip(leaves, jax.tree.leaves(reference.opt_state),
-                                             strict=True):
-        np.testing.assert_allclose(np.asarray(restored_leaf), np.asarray(reference_leaf),
-                                   rtol=0, atol=1e-6)
-
 
 # --- one process: the same calls do nothing or fail clearly --------------------------------
 

@@ -4,7 +4,7 @@ warm start, checkpoints, export) assembles its global batches from per-process s
 
 Each process has its own run directory, as hosts of a pod slice have their own disks; the
 checkpoints are shared (as in a gs:// bucket). Process 0 writes the logs, reports and export;
-process 1 writes nothing of its own.
+process 1 writes nothing of its own. The processes' checkpoint restores in one process.
 """
 
 import json
@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -22,7 +23,7 @@ from reczero_jax.config import load_config
 from reczero_jax.mesh import make_mesh
 from reczero_jax.train.checkpoint import Checkpointer
 from reczero_jax.train.loop import run
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, restored_state, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,8 +115,17 @@ def test_two_processes_run_the_program_like_one(tmp_path, tiny_model_dir, small_
         assert np.abs(reference[name] - initial[name]).max() > 1e-4, f"{name} did not train"
         np.testing.assert_allclose(exported[name], reference[name], rtol=0, atol=1e-5,
                                    err_msg=name)
-    # The processes' last checkpoint holds the exported parameters.
-    assert Checkpointer(tmp_path / "checkpoints").latest_complete_step() == sum(STEPS.values())
+    # The processes' last checkpoint, restored in this one process, holds the parameters and
+    # optimizer state of the same run in one process.
+    step = sum(STEPS.values())
+    assert Checkpointer(tmp_path / "checkpoints").latest_complete_step() == step
+    multi_state, multi_end = restored_state(multi_dir, step, tmp_path / "checkpoints")
+    single_state, _ = restored_state(single_dir, step)
+    assert multi_end.step == step and multi_end.progress["phase"] == "grpo"
+    # Parameters and optimizer state: more leaves than the parameters alone.
+    assert len(multi_state) == len(single_state) > len(jax.tree.leaves(multi_end.params))
+    for restored, expected in zip(multi_state, single_state, strict=True):
+        np.testing.assert_allclose(restored, expected, rtol=0, atol=1e-5)
 
 
 # --- one process: the helpers the loop uses leave the batch whole ---------------------------

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from reczero_jax.config import OptimConfig, load_config, save_config
-from reczero_jax.mesh import single_device_mesh
+from reczero_jax.config import load_config, save_config
 from reczero_jax.train import loop
 from reczero_jax.train.checkpoint import Checkpointer, Restored
 from reczero_jax.train.cli import register
 from reczero_jax.train.export import restore_model
 from reczero_jax.train.loop import rewind_logs, run
-from reczero_jax.train.step import Trainer
+from tests.helpers import restored_state
 
 # Wall-clock measurements differ between runs of the same computation.
 TIMINGS = ("time", "seconds", "rollout_seconds", "update_seconds", "latency_seconds",
@@ -69,17 +68,6 @@ def without_timings(row):
     return {key: value for key, value in row.items() if key not in TIMINGS}
 
 
-def final_state(run_dir, step):
-    """Parameters and optimizer state (host arrays) and the restored step of ``run_dir``."""
-    model, config, _ = restore_model(run_dir, step)
-    trainer = Trainer(model, single_device_mesh(), OptimConfig(**config["optim"]))
-    restored = Checkpointer(run_dir / "checkpoints").restore(
-        step, abstract_params=trainer.params, param_sharding=trainer.param_sharding,
-        abstract_opt_state=trainer.opt_state, opt_sharding=trainer.opt_sharding)
-    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves((restored.params, restored.opt_state))]
-    return leaves, restored
-
-
 @pytest.mark.slow
 # One arm runs LoRA and dynamic sampling together: each arm costs minutes of subprocess runs.
 @pytest.mark.parametrize("variant", [(), ("model.lora.rank=4", "grpo.kl_coef=0.01",
@@ -115,8 +103,8 @@ def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_
     assert "from checkpoint step 3 (grpo step 3 of 6)" in output
     assert "[reczero] zero-shot:" not in output  # not evaluated again
 
-    straight_leaves, straight_end = final_state(straight_dir, 6)
-    resumed_leaves, resumed_end = final_state(killed_dir, 6)
+    straight_leaves, straight_end = restored_state(straight_dir, 6)
+    resumed_leaves, resumed_end = restored_state(killed_dir, 6)
     assert len(straight_leaves) == len(resumed_leaves) > 0
     saved = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(resumed_end.params)]
     assert all(("adapters" in name) == bool(lora) for name in saved), saved
