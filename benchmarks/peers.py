@@ -93,6 +93,16 @@ class StepTimes:
         return self.median(tuple(s - r for s, r in zip(self.step_s, self.rollout_s, strict=True)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """A system that did not finish at one shape, and the last line its process printed (e.g.
+    XLA's out-of-memory error): the report shows it in place of its times."""
+
+    system: str
+    shape: str
+    reason: str
+
+
 # ----------------------------------------------------------------------------- the work
 
 
@@ -340,8 +350,10 @@ def log_step(system: str, shape: Shape, step_s: list[float], rollout_s: list[flo
 
 
 def run_worker(system: str, shape: str, prompt_file: Path, steps: int,
-               tunix_python: Path) -> StepTimes:
-    """``system`` at ``shape`` in a fresh process (Tunix: in its own environment); its times."""
+               tunix_python: Path) -> StepTimes | Failed:
+    """``system`` at ``shape`` in a fresh process (Tunix: in its own environment): its times,
+    or ``Failed`` with the process's last line if it did not finish. The process's output is
+    passed through as it comes."""
     python, env = sys.executable, dict(os.environ)
     if system == "tunix":
         if not tunix_python.exists():
@@ -353,22 +365,32 @@ def run_worker(system: str, shape: str, prompt_file: Path, steps: int,
                             "--xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
     command = [python, "-m", "benchmarks.peers", "--worker", system, "--shapes", shape,
                "--prompt-file", str(prompt_file), "--steps", str(steps)]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
-    if done.returncode or not lines:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env)
+    result, last = None, ""
+    for line in process.stdout:
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line.removeprefix(RESULT_TAG))
+        else:
+            sys.stderr.write(line)
+            last = line.strip() or last
+    if process.wait() or result is None:
         hint = " (pip install -e '.[peers]')" if system == "trl" else ""
-        raise RuntimeError(f"{' '.join(command[1:])} failed with exit {done.returncode}{hint}")
-    fields = json.loads(lines[-1].removeprefix(RESULT_TAG))
-    return StepTimes(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return Failed(system, str(Shape.parse(shape, batch=1)),
+                      f"exit {process.returncode}{hint}: {last[:200]}")
+    return StepTimes(**{k: tuple(v) if isinstance(v, list) else v for k, v in result.items()})
 
 
-def report(results: list[StepTimes], steps: int, minutes: float) -> str:
-    """The markdown report: every system's times, then each peer's over ours per part."""
-    rows = [[r.shape, f"{r.system} {r.version}", r.prompt_tokens, f"{r.step:.1f}", f"{r.rollout:.1f}",
-             f"{r.update:.1f}", f"{r.step_s[0]:.1f}"] for r in results]
+def report(results: list[StepTimes | Failed], steps: int, minutes: float) -> str:
+    """The markdown report: every system's times (or why it failed), then each peer's over
+    ours per part where both finished."""
+    rows = [[r.shape, r.system, "", f"failed ({r.reason})", "", "", ""] if isinstance(r, Failed)
+            else [r.shape, f"{r.system} {r.version}", r.prompt_tokens, f"{r.step:.1f}",
+                  f"{r.rollout:.1f}", f"{r.update:.1f}", f"{r.step_s[0]:.1f}"] for r in results]
     by_shape: dict[str, dict[str, StepTimes]] = {}
     for r in results:
-        by_shape.setdefault(r.shape, {})[r.system] = r
+        if isinstance(r, StepTimes):
+            by_shape.setdefault(r.shape, {})[r.system] = r
     ratios = [[shape, f"{peer} / reczero",
                *(f"{getattr(arms[peer], part) / getattr(arms['reczero'], part):.2f}x"
                  for part in ("step", "rollout", "update"))]
@@ -422,7 +444,8 @@ def main(argv: list[str] | None = None) -> str | None:
                 results.append(run_worker(system, shape, prompt_file, args.steps,
                                           args.tunix_python))
                 r = results[-1]
-                print(f"{shape} {system}: {r.step:.1f} s/step (rollout {r.rollout:.1f} s, "
+                print(f"{shape} {system}: failed ({r.reason})" if isinstance(r, Failed) else
+                      f"{shape} {system}: {r.step:.1f} s/step (rollout {r.rollout:.1f} s, "
                       f"update {r.update:.1f} s)", flush=True)
     return emit_report(report(results, args.steps, (time.perf_counter() - start) / 60), args.out)
 

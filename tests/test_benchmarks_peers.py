@@ -1,5 +1,6 @@
 """benchmarks/peers.py without running either system: the step split (update = step - rollout,
-medians after the warm-up step), the ratios table and the response-length check."""
+medians after the warm-up step), the ratios table, a system that fails reported in its row,
+and the response-length check."""
 
 import re
 
@@ -27,6 +28,21 @@ def test_report_gives_each_system_and_trl_over_reczero_per_part():
                      report, re.MULTILINE)
     assert re.search(r"^\| P=512 R=128 G=8 B=1 \| trl / reczero \| 2.50x \| 2.50x \| 2.50x \|$",
                      report, re.MULTILINE)
+
+
+def test_a_system_that_fails_is_reported_with_its_last_line_and_left_out_of_the_ratios(
+        tmp_path):
+    # A worker that cannot read its prompt fails like one that runs out of memory: its
+    # process exits non-zero after printing the error.
+    failed = peers.run_worker("trl", "512x128x8", tmp_path / "missing.json", 2, tmp_path)
+    assert isinstance(failed, peers.Failed) and failed.system == "trl"
+    assert failed.reason.startswith("exit 1 (pip install -e '.[peers]'): FileNotFoundError")
+    assert "missing.json" in failed.reason
+    report = peers.report([times("reczero", [90.0, 30.0], [40.0, 12.0]), failed], steps=2,
+                          minutes=1.0)
+    assert re.search(r"^\| P=512 R=128 G=8 B=1 \| trl \|\s+\| failed \(exit 1 .*FileNotFoundError"
+                     r".*\)(\s+\|){4}$", report, re.MULTILINE)
+    assert "trl / reczero" not in report
 
 
 def test_a_response_of_another_length_is_an_error():
