@@ -179,19 +179,20 @@ def run_train_group(*argv) -> int:
     return args.func(args)
 
 
-def restored_state(run_dir, step, checkpoints=None):
-    """The checkpoint of ``step`` of the run in ``run_dir`` (its checkpoints in
-    ``checkpoints``, default ``run_dir/checkpoints``) restored in this process on one device:
-    (host arrays of its parameters and optimizer state, the ``Restored``)."""
-    from reczero_jax.config import OptimConfig
+def restored_state(run_dir, step):
+    """The checkpoint of ``step`` of the run in ``run_dir`` (wherever its config put the
+    checkpoints) restored in this process on one device: (host arrays of its parameters and
+    optimizer state, the ``Restored``)."""
+    from reczero_jax.config import OptimConfig, load_config
     from reczero_jax.mesh import single_device_mesh
     from reczero_jax.train.checkpoint import Checkpointer
-    from reczero_jax.train.export import restore_model
+    from reczero_jax.train.export import checkpoint_directory, restore_model
     from reczero_jax.train.step import Trainer
 
     model, config, _ = restore_model(run_dir, step)
     trainer = Trainer(model, single_device_mesh(), OptimConfig(**config["optim"]))
-    restored = Checkpointer(checkpoints or run_dir / "checkpoints").restore(
+    checkpoints = checkpoint_directory(load_config(run_dir / "config.yaml"))
+    restored = Checkpointer(checkpoints).restore(
         step, abstract_params=trainer.params, param_sharding=trainer.param_sharding,
         abstract_opt_state=trainer.opt_state, opt_sharding=trainer.opt_sharding)
     leaves = [np.asarray(leaf) for leaf in jax.tree.leaves((restored.params, restored.opt_state))]

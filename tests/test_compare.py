@@ -109,16 +109,15 @@ TINY_RUN = ("--n", 3, "--max-new-tokens", 8, "--group-size", 3)
 
 def test_tiny_qwen2_passes_on_verl_data_in_the_authors_layout(tiny_qwen2_dir, authors_verl,
                                                               qwen2_tokenizer):
-    data = authors_verl
-    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", data, *TINY_RUN)
+    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", authors_verl, *TINY_RUN)
     assert status == 0, stdout
     assert stdout.rstrip().endswith("result: PASS")
-    assert f"inputs: 3 test samples of {data}" in stdout
+    assert f"inputs: 3 test samples of {authors_verl}" in stdout
     assert table_row(stdout, "greedy divergences not at a near-tie") == ["0", "0", "ok"]
     assert table_row(stdout, "reward mismatches") == ["0", "0", "ok"]
     assert float(table_row(stdout, "GRPO grad norm ours / torch")[0]) > 0  # advantages not all 0
     # compare's prompts are the contents tokenised as they are, as the authors' verl does.
-    ids, truths, _ = load_prompts(qwen2_tokenizer, data, "test", 3, 2048, "chat")
+    ids, truths, _ = load_prompts(qwen2_tokenizer, authors_verl, "test", 3, 2048, "chat")
     assert ids == [qwen2_tokenizer(t, add_special_tokens=False)["input_ids"]
                    for t in AUTHORS_TEXTS]
     assert truths == [5, 2, 4]

@@ -119,7 +119,7 @@ def test_two_processes_run_the_program_like_one(tmp_path, tiny_model_dir, small_
     # optimizer state of the same run in one process.
     step = sum(STEPS.values())
     assert Checkpointer(tmp_path / "checkpoints").latest_complete_step() == step
-    multi_state, multi_end = restored_state(multi_dir, step, tmp_path / "checkpoints")
+    multi_state, multi_end = restored_state(multi_dir, step)
     single_state, _ = restored_state(single_dir, step)
     assert multi_end.step == step and multi_end.progress["phase"] == "grpo"
     # Parameters and optimizer state: more leaves than the parameters alone.
