@@ -14,7 +14,8 @@ XLA's CPU runtime runs independent ops concurrently on its thread pool, so op ti
 (``op ms``) can exceed the wall time; ``busy`` = op time / wall time says how many threads
 were working on average.
 
-Shapes: ``decode`` samples G responses of R new tokens for one prompt of P tokens with the
+Shapes: ``decode`` samples G responses of R new tokens for each of B prompts of P tokens
+(``--batch``, default 1: a GRPO rollout's group; an evaluation is B prompts x G = 1) with the
 SmolLM2-135M-Instruct weights (fp32; the default model directory is converted from the
 GGUF asset as ``benchmarks.sampling`` does), per decode step = the decode program's time / R;
 ``update`` is one ``Trainer.grpo_step`` on the same model at (P, R, G) (random responses and
@@ -177,7 +178,7 @@ def breakdown_table(rows, total_ms: float, wall_ms: float, top: int = 14) -> str
 
 
 def decode_part(model, shape, repeats: int, trace_dir: str):
-    """(warm seconds of the decode program, its trace) for one prompt of P tokens."""
+    """(warm seconds of the decode program, its trace) for B prompts of P tokens."""
     import jax
     import numpy as np
     from flax import nnx
@@ -218,7 +219,9 @@ def update_part(model_dir: Path, shape, repeats: int, trace_dir: str):
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=["decode"], choices=["decode", "update"])
-    parser.add_argument("--shape", default="512x128x8", help="PxRxG (one prompt)")
+    parser.add_argument("--shape", default="512x128x8", help="PxRxG")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="prompts per decode (decode part; the update takes one)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="warm calls timed without the profiler (median reported)")
     parser.add_argument("--model-dir", type=Path, default=Path("artifacts/smollm2"))
@@ -239,7 +242,7 @@ def profile(args, work: str) -> str:
     from benchmarks.sampling import FP32_BYTES, Shape, ensure_model_dir, matmul_weights
     from reczero_jax.models.hf import from_pretrained
 
-    shape = Shape.parse(args.shape, 1)
+    shape = Shape.parse(args.shape, args.batch)
     model_dir = ensure_model_dir(args.model_dir)
     ceilings = measure_ceilings()
     sections = [f"Profile, SmolLM2-135M fp32, {shape} ({describe_machine()}); ceilings in "
@@ -254,7 +257,8 @@ def profile(args, work: str) -> str:
             roofline = (f" Weight-read roofline: {weight_bytes / 1e6:.0f} MB at the copy rate "
                         f"= {1e3 * weight_bytes / ceilings.copy_bytes:.1f} ms per step.")
         else:
-            timing, (wall, events) = update_part(model_dir, shape, args.repeats, trace_dir)
+            timing, (wall, events) = update_part(model_dir, Shape.parse(args.shape, 1),
+                                                 args.repeats, trace_dir)
             per, unit, roofline = 1, "update", ""
         rows, total = breakdown(events, load_dumps(work + "/hlo"), per)
         sections.append(

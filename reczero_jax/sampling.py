@@ -48,12 +48,14 @@ from reczero_jax.mesh import (
     rollout_rules,
 )
 from reczero_jax.models.decoder import (
+    PROMPT_CACHE_AXES,
     RESPONSE_CACHE_AXES,
     Decoder,
     KVCache,
     Prefix,
     causal_mask,
     positions_from_mask,
+    prompt_cache,
     response_cache,
 )
 from reczero_jax.models.hf import stop_token_ids
@@ -137,13 +139,14 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, temperature: float, top_k:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _prefill(graphdef, state, prompt_ids, prompt_mask):
-    """Prompt cache [L, B, P, K, D] (as a Prefix) and last-position logits [B, V]."""
+    """The prompt cache (a Prefix, in ``prompt_cache``'s layouts) and last-position logits
+    [B, V]."""
     model: Decoder = nnx.merge(graphdef, state)
     hidden, kv = model.forward(prompt_ids[:, None], positions_from_mask(prompt_mask)[:, None],
                                causal_mask(prompt_mask)[:, None], return_kv=True)
-    cache_axes = ("layers", "batch", None, "kv_heads", "head_dim")
-    prefix = Prefix(KVCache(*(constrain(c[:, :, 0], model.mesh, cache_axes, model.axis_rules)
-                              for c in kv)),
+    cache = prompt_cache(KVCache(kv.k[:, :, 0], kv.v[:, :, 0]))
+    prefix = Prefix(KVCache(*(constrain(c, model.mesh, axes, model.axis_rules)
+                              for c, axes in zip(cache, PROMPT_CACHE_AXES, strict=True))),
                     prompt_mask.astype(bool))
     return prefix, model.logits(hidden[:, 0, -1])
 

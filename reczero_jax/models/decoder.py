@@ -59,8 +59,24 @@ def response_cache(config: ModelConfig, rows: int, samples: int, length: int, dt
                    jnp.zeros((n, rows, samples, kv, d, length), dtype))
 
 
+# The prompt cache as ``decode_step`` reads it (``prompt_cache``): keys [L, B, K, P, D], values
+# [L, B, K, D, P], the contracted dimension minor for the same two dots as the response cache.
+# In forward's [L, B, P, K, D] every step copied every layer's prompt keys and values
+# transposed: 39% of a decode step at 50 prompts of 512 tokens (benchmarks/PROFILE.md).
+PROMPT_CACHE_AXES = KVCache(("layers", "batch", "kv_heads", None, "head_dim"),
+                            ("layers", "batch", "kv_heads", "head_dim", None))
+
+
+def prompt_cache(kv: KVCache) -> KVCache:
+    """A prompt's keys/values from ``forward(..., return_kv=True)``, ``[L, B, P, K, D]``, in
+    the layouts of ``PROMPT_CACHE_AXES`` (one copy per generation instead of one per step)."""
+    return KVCache(jnp.moveaxis(kv.k, 2, 3), jnp.moveaxis(kv.v, 2, 4))
+
+
 class Prefix(NamedTuple):
-    """A shared prompt: per-layer keys/values ``[L, B, P, K, D]`` and validity mask ``[B, P]``."""
+    """A shared prompt: per-layer keys/values and validity mask ``[B, P]``. The keys/values
+    are ``[L, B, P, K, D]`` for ``forward`` and ``prompt_cache``'s layouts for
+    ``decode_step``."""
 
     kv: KVCache
     mask: jax.Array
@@ -241,9 +257,9 @@ class Decoder(nnx.Module):
                     ) -> tuple[jax.Array, KVCache]:
         """One decoding step of G samples per prompt against their shared prompt.
 
-        tokens, positions: [B, G]; cache: response keys/values (``response_cache``: R
-        positions), written at ``index``; cache_mask: [B, G, R] valid response keys
-        (including ``index``).
+        tokens, positions: [B, G]; prefix: the prompt, its keys/values in ``prompt_cache``'s
+        layouts; cache: response keys/values (``response_cache``: R positions), written at
+        ``index``; cache_mask: [B, G, R] valid response keys (including ``index``).
         Returns logits [B, G, V] (float32) and the updated cache.
         """
         x = self._constrain(self.embed[...][tokens[:, :, None]].astype(self.dtype))
@@ -254,8 +270,11 @@ class Decoder(nnx.Module):
             x, cache_k, cache_v = carry
             weights, layer, prefix_k, prefix_v = xs
             layer_cache = (cache_k, cache_v, layer, index)
+            # [B, P, K, D] views of the layer's [B, K, P, D] keys and [B, K, D, P] values.
+            layer_prefix = (jnp.moveaxis(prefix_k, 1, 2), jnp.moveaxis(prefix_v, -1, 1),
+                            prefix.mask)
             x, (cache_k, cache_v) = self._block(weights, x, positions, self_mask,
-                                                (prefix_k, prefix_v, prefix.mask), layer_cache)
+                                                layer_prefix, layer_cache)
             return (x, cache_k, cache_v), None
 
         xs = (self.layers.stacked(), jnp.arange(self.config.num_layers), *prefix.kv)
