@@ -117,19 +117,21 @@ class Costs:
       equivalents of remat's update; reasoned, not measured);
     * ``eval_batch(b) = eval_fixed + eval_per_row * b``: a greedy batch of b records decoded
       to 192 new tokens (the zero-shot model writes to the limit; later arms stop earlier),
-      fitted to the demo's zero-shot evaluation, 116 s for one batch of 16 and 173 s for two
-      of 8. Beyond 16 it is an extrapolation: one batch of 64 took 637 s (``reczero eval
-      --model ... --split validation --n 64 --batch-size 64 --max-prompt-tokens 512
-      --max-new-tokens 192``) while another job held the second core, where the line says
-      293 s alone.
+      the line through two zero-shot evaluations on a quiet machine at commit df2bc11:
+      131 s for one batch of 16 and 350 s for one of 50 (``reczero eval --model
+      artifacts/smollm2-135m-instruct --data artifacts/ml100k --split validation --n 50
+      --batch-size 50 --max-prompt-tokens 512 --max-new-tokens 192 --no-baselines``). Per
+      record: the prefill of its ~500 prompt tokens (~2.8 s) and 192 decode steps at ~20 ms
+      per row (benchmarks/PROFILE.md, the evaluation's shape). Beyond 50 the line is an
+      extrapolation.
     """
 
     sft_step: float = 45.0
     rollout: float = 41.0
     update: float = 59.0
     kl_factor: float = 1.25
-    eval_fixed: float = 57.0
-    eval_per_row: float = 3.69
+    eval_fixed: float = 28.0
+    eval_per_row: float = 6.44
 
     def eval_batches(self, records: int, batch: int) -> float:
         return -(-records // batch) * (self.eval_fixed + self.eval_per_row * batch)
