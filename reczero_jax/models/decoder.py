@@ -62,7 +62,8 @@ def response_cache(config: ModelConfig, rows: int, samples: int, length: int, dt
 # The prompt cache as ``decode_step`` reads it (``prompt_cache``): keys [L, B, K, P, D], values
 # [L, B, K, D, P], the contracted dimension minor for the same two dots as the response cache.
 # In forward's [L, B, P, K, D] every step copied every layer's prompt keys and values
-# transposed: 39% of a decode step at 50 prompts of 512 tokens (benchmarks/PROFILE.md).
+# transposed: 31% of the op time of a decode step at 50 prompts of 512 tokens
+# (benchmarks/PROFILE.md).
 PROMPT_CACHE_AXES = KVCache(("layers", "batch", "kv_heads", None, "head_dim"),
                             ("layers", "batch", "kv_heads", "head_dim", None))
 
