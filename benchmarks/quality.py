@@ -112,7 +112,8 @@ class Costs:
 
     * ``sft_step``: an SFT step of 2 sequences of up to 704 tokens (39-52 s);
     * ``rollout`` / ``update``: a GRPO rollout round / update of 2 prompts x 4 samples of up
-      to 160 tokens (32-50 s / 53-72 s); scaled by rows (prompts x samples) / 8;
+      to ``rollout_tokens`` = 160 tokens (32-50 s / 53-72 s); scaled by rows (prompts x
+      samples) / 8, the rollout also by ``grpo.max_new_tokens`` / 160 (its decode steps);
     * ``kl_factor``: the update with a KL reference (one more forward of the ~4 forward
       equivalents of remat's update; reasoned, not measured);
     * ``eval_batch(b) = eval_fixed + eval_per_row * b``: a greedy batch of b records decoded
@@ -128,6 +129,7 @@ class Costs:
 
     sft_step: float = 45.0
     rollout: float = 41.0
+    rollout_tokens: int = 160
     update: float = 59.0
     kl_factor: float = 1.25
     eval_fixed: float = 28.0
@@ -151,8 +153,9 @@ def estimate(configs: dict, samples: int, batch_size: int, costs: Costs = Costs(
             pieces["recone SFT"] = (config.sft.steps * costs.sft_step
                                     * config.sft.batch_size / 2)
         rounds = grpo.max_sampling_rounds if grpo.dynamic_sampling else 1
+        rollout = costs.rollout * grpo.max_new_tokens / costs.rollout_tokens
         update = costs.update * (costs.kl_factor if grpo.kl_coef else 1.0)
-        pieces[f"{name} GRPO"] = (train.steps * (rounds * costs.rollout + update)
+        pieces[f"{name} GRPO"] = (train.steps * (rounds * rollout + update)
                                   * train.prompts_per_step * grpo.group_size / 8)
         evaluations = (3 if name == "recone" else 2) + (
             train.steps // train.eval_every if train.eval_every else 0)

@@ -120,7 +120,8 @@ def test_estimate_prices_the_configs_pieces():
     assert pieces["recone SFT"] == recone.sft.steps * costs.sft_step
     # RecZero samples up to max_sampling_rounds rounds per step, RecOne one.
     assert pieces["reczero GRPO"] - pieces["recone GRPO"] == pytest.approx(
-        reczero.train.steps * (reczero.grpo.max_sampling_rounds - 1) * costs.rollout)
+        reczero.train.steps * (reczero.grpo.max_sampling_rounds - 1) * costs.rollout
+        * reczero.grpo.max_new_tokens / costs.rollout_tokens)
     assert pieces["table evaluations"] == 8 * 4 * (costs.eval_fixed + 50 * costs.eval_per_row)
     assert quality.estimate(configs, 400, 50, costs)["table evaluations"] == pytest.approx(
         2 * pieces["table evaluations"])
