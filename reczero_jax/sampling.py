@@ -4,8 +4,9 @@ one shared copy of its KV cache.
 Shapes: B prompts, G samples per prompt, P (bucketed) prompt length, R = max_new_tokens,
 V vocab, L layers, K kv heads, D head dim.
 
-* ``prefill``: one causal pass over the left-padded prompts -> prompt cache [L, B, P, K, D]
-  and the last prompt position's logits [B, V].
+* ``prefill``: one causal pass over the left-padded prompts -> prompt cache (keys
+  [L, B, K, P, D], values [L, B, K, D, P]: ``models.decoder.prompt_cache``) and the last prompt
+  position's logits [B, V].
 * ``decode``: a ``lax.while_loop`` over response positions. Each step samples G tokens per
   prompt, writes their keys/values into the response cache (R positions per sample, laid out
   as ``models.decoder.response_cache`` says) and runs the decoder on them. The response cache

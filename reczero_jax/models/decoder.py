@@ -35,7 +35,8 @@ from reczero_jax.models.config import ModelConfig
 
 class KVCache(NamedTuple):
     """Keys and values of every layer: ``[L, B, P, K, D]`` (a prompt), ``[L, B, G, S, K, D]``
-    (a segment's own), or a decoding response cache (``response_cache``: its own layout)."""
+    (a segment's own), or a decoding cache in its own layouts (``prompt_cache``,
+    ``response_cache``)."""
 
     k: jax.Array
     v: jax.Array
