@@ -340,6 +340,14 @@ def ensure_assets(config) -> None:
         prepare(SourceConfig.for_dataset("movielens-100k"), config.data.dir)
 
 
+def departures(args: argparse.Namespace, samples: int) -> list[str]:
+    """The arguments by which an invocation differs from the committed recipe at its full size:
+    fewer than ``SAMPLES`` per split, and any config override."""
+    return [*(["--samples", str(samples)] if samples < SAMPLES else []),
+            *(["--config", args.config] if args.config != DEFAULT_CONFIG else []),
+            *args.overrides]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG)
@@ -383,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            timings=timings.seconds, estimated=priced, runs_done=done,
                            commands=commands,
                            quick=args.quick, samples=samples, resamples=RESAMPLES, seed=SEED,
-                           invocation_seconds=time.perf_counter() - began)
+                           invocation_seconds=time.perf_counter() - began,
+                           departures=departures(args, samples))
     print(f"[quality] wrote {', '.join(str(p) for p in written)}")
     return 0
 

@@ -13,6 +13,7 @@ dropped, ``groups_dropped / (groups_kept + groups_dropped)``.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,10 +228,11 @@ def write_report(out: Path, evaluated: Sequence[Evaluated], *, configs: Mapping[
                  comparisons: Sequence[tuple[str, str]], arm_phases: Mapping[str, tuple],
                  timings: Mapping[str, float], estimated: Mapping[str, float], runs_done: Mapping[str, str],
                  commands: Sequence[str], quick: bool, samples: int, resamples: int, seed: int,
-                 invocation_seconds: float) -> list[Path]:
+                 invocation_seconds: float, departures: Sequence[str] = ()) -> list[Path]:
     """Write the report ``out`` and its plots (``out``'s directory / ``PLOTS``); returns the
     files written. ``arm_phases``: {arm: (run name, training phase)}, the training an arm's
-    policy took ("zero-shot": none)."""
+    policy took ("zero-shot": none). ``departures``: the command-line arguments by which this
+    run differs from the committed recipe at its full size, said at the top."""
     out_dir = out.parent
     phases = {name: training_seconds(config) for name, config in configs.items()}
     arm_training = {arm: phases[run][phase] if run else 0.0
@@ -250,6 +252,10 @@ def write_report(out: Path, evaluated: Sequence[Evaluated], *, configs: Mapping[
         "# Quality: does GRPO improve SmolLM2's rating predictions?\n",
         ("**Smoke run (`--quick`): tiny sizes, the numbers mean nothing; a full `make quality` "
          "has not written this file.**\n" if quick else ""),
+        (f"**Reduced run: `{shlex.join(departures)}` on the command line, so not the committed "
+         "recipe at its full size (at least 200 validation and 200 test samples per arm, the "
+         "config's training values as committed). Read every interval at the sizes below.**\n"
+         if departures and not quick else ""),
         setup_line(configs, samples) + "\n",
         f"95% confidence intervals: percentile bootstrap over the samples, {resamples} "
         f"resamples, seed {seed} (`rewards.bootstrap_intervals`); the comparisons use the "

@@ -2,6 +2,7 @@
 the small MovieLens-100k slice: the four arms and the baselines on both splits, intervals that
 hold their estimates, the plots, and a second invocation that reuses everything."""
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -125,3 +126,13 @@ def test_estimate_prices_the_configs_pieces():
     assert pieces["table evaluations"] == 8 * 4 * (costs.eval_fixed + 50 * costs.eval_per_row)
     assert quality.estimate(configs, 400, 50, costs)["table evaluations"] == pytest.approx(
         2 * pieces["table evaluations"])
+
+
+def test_departures_name_what_makes_a_run_smaller_than_the_recipe():
+    def parsed(*argv):
+        return argparse.Namespace(config=quality.DEFAULT_CONFIG, overrides=list(argv))
+
+    assert quality.departures(parsed(), quality.SAMPLES) == []
+    assert quality.departures(parsed("train.steps=8"), 32) == ["--samples", "32", "train.steps=8"]
+    other = argparse.Namespace(config="mine.yaml", overrides=[])
+    assert quality.departures(other, 400) == ["--config", "mine.yaml"]
