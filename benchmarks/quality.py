@@ -289,7 +289,8 @@ def evaluate_arms(configs: dict, records: dict[str, list[dict]], batch_size: int
             if saved is not None and saved["key"] == key:
                 print(f"[quality] reusing the evaluation of {arm.name} on {split} ({path})")
             else:
-                with timings.timed(f"evaluate {arm.name} on {split}"):
+                # Redone whole when its key changes, so its time replaces the last one's.
+                with timings.timed(f"evaluate {arm.name} on {split}", accumulate=False):
                     if model is None:  # loaded once for both splits
                         model = load_policy(arm, configs)
                     report = settings.evaluate(model, tokenizer, records[split],

@@ -252,9 +252,10 @@ def write_report(out: Path, evaluated: Sequence[Evaluated], *, configs: Mapping[
         "# Quality: does GRPO improve SmolLM2's rating predictions?\n",
         ("**Smoke run (`--quick`): tiny sizes, the numbers mean nothing; a full `make quality` "
          "has not written this file.**\n" if quick else ""),
-        (f"**Reduced run: `{shlex.join(departures)}` on the command line, so not the committed "
-         "recipe at its full size (at least 200 validation and 200 test samples per arm, the "
-         "config's training values as committed). Read every interval at the sizes below.**\n"
+        (f"**Not the committed recipe at its full size: this run had `{shlex.join(departures)}` "
+         "on its command line (the full size: at least 200 validation and 200 test samples per "
+         "arm, the config's training values as committed). Read every interval at the sizes "
+         "below.**\n"
          if departures and not quick else ""),
         setup_line(configs, samples) + "\n",
         f"95% confidence intervals: percentile bootstrap over the samples, {resamples} "
