@@ -28,7 +28,8 @@ of the MAE difference (``rewards.bootstrap_difference``) lying below zero.
 Resumable: a finished run (its ``eval.json`` and ``export/`` written under this very config)
 is reused as it is; an unfinished one resumes from its checkpoints (``run``); each evaluation
 is saved in ``run_dir``/evals/ and reused while its policy's files are unchanged; wall times
-add up across invocations in ``run_dir``/timings.json.
+are kept in ``run_dir``/timings.json (a run's add up across the invocations that resumed it; an
+evaluation redone under a new key keeps its latest).
 
 ``--quick``: a smoke run of the whole machinery (``QUICK_OVERRIDES``: a few steps of tiny
 batches and answers, ``QUICK_SAMPLES`` samples per split); ``tests/test_quality.py`` runs it
