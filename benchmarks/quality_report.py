@@ -199,8 +199,8 @@ def wall_time_table(timings: Mapping[str, float], estimated: Mapping[str, float]
             "trains nothing). Estimated beforehand (`quality.estimate`, minutes): "
             f"{priced}; total {sum(estimated.values()) / 60:.0f}.\n\n"
             f"This invocation: {invocation_seconds / 60:.1f} minutes "
-            "(reused runs and evaluations cost nothing; a piece's time adds up over the "
-            "invocations that worked on it).\n")
+            "(reused runs and evaluations cost nothing; a run's time adds up over the "
+            "invocations that resumed it, an evaluation redone keeps its latest time).\n")
 
 
 def setup_line(configs: Mapping[str, Any], samples: int) -> str:
@@ -253,8 +253,8 @@ def write_report(out: Path, evaluated: Sequence[Evaluated], *, configs: Mapping[
         ("**Smoke run (`--quick`): tiny sizes, the numbers mean nothing; a full `make quality` "
          "has not written this file.**\n" if quick else ""),
         (f"**Not the committed recipe at its full size: this run had `{shlex.join(departures)}` "
-         "on its command line (the full size: at least 200 validation and 200 test samples per "
-         "arm, the config's training values as committed). Read every interval at the sizes "
+         "on its command line (the full size: `make quality`'s default samples per split and "
+         "the config's training values as committed). Read every interval at the sizes "
          "below.**\n"
          if departures and not quick else ""),
         setup_line(configs, samples) + "\n",
