@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check reczero_jax tests benchmarks
 
 test: lint
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=25
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 demo: $(STAMP)
 	$(VENV)/bin/reczero demo
