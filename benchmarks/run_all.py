@@ -21,6 +21,7 @@ BENCHMARKS = (
     ("Token reward vs host reward", "benchmarks.reward"),
     ("Data pipeline", "benchmarks.data_pipeline"),
     ("Whole GRPO step: reczero-jax vs TRL and Tunix", "benchmarks.peers"),
+    ("Few-row matmuls: how fast each library reads the weights", "benchmarks.dot_rows"),
 )
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
