@@ -15,7 +15,7 @@ Arms, each on the same stacked fp32 weights ``[layers, K, N]``:
 
 Reported per arm: ms per layer and the weight bytes read per second (``K N 4 / t``), beside
 the machine's copy ceiling (``benchmarks.common``: read + write counted). Shapes are
-SmolLM2-135M's: the attention-output / MLP matrices and the tied LM head.
+SmolLM2-135M's: its MLP matrices (up/gate and down) and its tied LM head.
 
     python -m benchmarks.dot_rows [--rows 8] [--repeats 7]
 """
