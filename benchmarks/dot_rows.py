@@ -23,27 +23,22 @@ SmolLM2-135M's: its MLP matrices (up/gate and down) and its tied LM head.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import cpu_count, describe_machine, markdown_table, measure_ceilings
+from benchmarks.common import (
+    cpu_count,
+    describe_machine,
+    markdown_table,
+    measure_ceilings,
+    time_call,
+)
 
 # (K, N, layers): SmolLM2-135M's [576, 1536] and [1536, 576] MLP matrices over its 30 layers,
 # and its [576, 49152] LM head.
 SHAPES = ((576, 1536, 30), (1536, 576, 30), (576, 49152, 1))
-
-
-def median_seconds(call, repeats: int) -> float:
-    call()  # warm-up: compiles (xla), faults the pages in (all)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def arms(x: np.ndarray, weights: np.ndarray):
@@ -79,7 +74,8 @@ def main(argv: list[str] | None = None) -> str:
         weights = rng.standard_normal((layers, k, n), np.float32)
         x = rng.standard_normal((args.rows, k), np.float32)
         for arm, call in arms(x, weights).items():
-            seconds = median_seconds(call, args.repeats) / layers
+            # The warm-up call compiles (xla) and faults the pages in (all arms).
+            seconds = time_call(call, repeats=args.repeats).median_s / layers
             rows.append([f"[{args.rows}, {k}] x [{k}, {n}] x {layers}", arm,
                          f"{seconds * 1e3:.3f}", f"{k * n * 4 / seconds / 1e9:.1f}"])
     report = "\n\n".join([
