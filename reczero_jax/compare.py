@@ -9,9 +9,10 @@ ours with ``models.hf.from_pretrained``) and see the same token ids:
   (``policy.response_logprobs``, shared prompt), transformers on prompt + response.
 * greedy generation: ``sampling.generate(temperature=0)`` against
   ``model.generate(do_sample=False)``, both stopping at the checkpoint's EOS ids. Tokens are
-  compared up to each sequence's first divergence. A divergence where transformers' logits of
-  the two tokens lie within twice the logits tolerance is a near-tie (rounding may pick either;
-  counted, allowed); any other divergence fails.
+  compared up to each sequence's first divergence. At a divergence, the gap between
+  transformers' logits of its token and of ours must lie within twice the logits tolerance: a
+  near-tie, which rounding may break either way. One side stopping where the other goes on
+  (EOS against a token) is no near-tie (an infinite gap).
 * rewards: of the greedy responses and of ``PROBES`` (hand-written answers, valid and broken), by
   our host reward (``rewards.rating_reward``), our jitted token reward (``rewards.TokenRewardFn``,
   byte-level tokenizers) and ``authors_reward``, a plain re-statement of the authors' rules
@@ -28,8 +29,10 @@ ours with ``models.hf.from_pretrained``) and see the same token ids:
 
 Tolerances (``TOLERANCES``; ``--tolerance-scale`` multiplies all of them): logits and log-probs
 max |diff| 1e-3 (fp32), advantages max |diff| 1e-5, loss and gradient norm relative difference
-1e-4 and 1e-3 (|a - b| / max(|a|, |b|, 1e-6)); greedy divergences not at a near-tie and reward
-mismatches: none. Exit status 0 when every check holds, 1 when one does not, 2 for bad input.
+1e-4 and 1e-3 (|a - b| / max(|a|, |b|, 1e-6)), the largest logit gap at a greedy divergence
+2e-3; reward mismatches: none. Exit status 0 when every check holds, 1 when one does not, 2 for
+bad input. ``compare`` measures with the tolerances as they are; ``scale_tolerances`` and
+``verdict`` judge its checks at any scale without measuring again.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ import numpy as np
 
 from reczero_jax.config import LAYOUTS
 
-TOLERANCES = {"logits": 1e-3, "logp": 1e-3, "advantages": 1e-5, "loss": 1e-4, "grad_norm": 1e-3}
+# divergence_gap: twice the logits tolerance (each side's logit of either token may be off by it).
+TOLERANCES = {"logits": 1e-3, "logp": 1e-3, "advantages": 1e-5, "loss": 1e-4, "grad_norm": 1e-3,
+              "divergence_gap": 2e-3}
 RELATIVE_FLOOR = 1e-6
 GRPO_PROMPTS = 2
 CLIP_EPS = 0.2
@@ -136,6 +141,22 @@ class Check:
     @property
     def ok(self) -> bool:
         return self.tolerance is None or bool(self.value <= self.tolerance)
+
+
+def scale_tolerances(checks: Sequence[Check], scale: float) -> list[Check]:
+    """``checks`` with every tolerance multiplied by ``scale`` (>= 0; 0 demands equality)."""
+    if not scale >= 0:
+        raise ValueError(f"the tolerance scale must be >= 0; got {scale}")
+    return [check if check.tolerance is None
+            else dataclasses.replace(check, tolerance=check.tolerance * scale)
+            for check in checks]
+
+
+def verdict(checks: Sequence[Check]) -> tuple[int, str]:
+    """(exit status, last line): 0 and "result: PASS" when every check holds, else 1 and
+    "result: FAIL (<the failing checks>)"."""
+    failed = [check.name for check in checks if not check.ok]
+    return (1, f"result: FAIL ({'; '.join(failed)})") if failed else (0, "result: PASS")
 
 
 def format_table(checks: Sequence[Check]) -> str:
@@ -310,7 +331,7 @@ def our_greedy(ours, ids, mask, max_new_tokens: int, eos_ids, pad_id: int):
     return np.asarray(out.tokens)[:, 0], np.asarray(out.lengths)[:, 0]
 
 
-def compare_logits(ours, theirs, prompts, pad_id: int, scale: float) -> list[Check]:
+def compare_logits(ours, theirs, prompts, pad_id: int) -> list[Check]:
     """Ours on every prompt left-padded to the longest (one compiled shape), theirs unpadded."""
     from reczero_jax.data.padding import left_pad
 
@@ -322,11 +343,11 @@ def compare_logits(ours, theirs, prompts, pad_id: int, scale: float) -> list[Che
         diff = np.abs(mine - torch_logits(theirs, prompt))
         worst, total, count = max(worst, float(diff.max())), total + float(diff.sum()), count + diff.size
     positions = sum(map(len, prompts))
-    return [Check(f"logits max |diff| ({positions} positions)", worst, TOLERANCES["logits"] * scale),
+    return [Check(f"logits max |diff| ({positions} positions)", worst, TOLERANCES["logits"]),
             Check("logits mean |diff|", total / count)]
 
 
-def compare_logprobs(ours, theirs, ids, mask, prompts, tokens, lengths, scale: float) -> list[Check]:
+def compare_logprobs(ours, theirs, ids, mask, prompts, tokens, lengths) -> list[Check]:
     mine = np.asarray(_jitted()[1](ours, ids, mask, tokens[:, None]))[:, 0]
     diffs = []
     for row, prompt in enumerate(prompts):
@@ -338,14 +359,14 @@ def compare_logprobs(ours, theirs, ids, mask, prompts, tokens, lengths, scale: f
         diffs.append(np.abs(mine[row, :lengths[row]] - theirs_logp))
     diff = np.concatenate(diffs)
     return [Check(f"log-probs max |diff| ({diff.size} response tokens)", float(diff.max()),
-                  TOLERANCES["logp"] * scale),
+                  TOLERANCES["logp"]),
             Check("log-probs mean |diff|", float(diff.mean()))]
 
 
-def compare_greedy(theirs, prompts, tokens, lengths, max_new_tokens: int, eos_ids, pad_id: int,
-                   scale: float) -> list[Check]:
-    near_tie = 2 * TOLERANCES["logits"] * scale
-    agreed = total = identical = ties = unexplained = 0
+def compare_greedy(theirs, prompts, tokens, lengths, max_new_tokens: int, eos_ids,
+                   pad_id: int) -> list[Check]:
+    agreed = total = identical = 0
+    gaps = []  # per divergence: transformers' logit of its token minus that of ours
     for row, prompt in enumerate(prompts):
         expected, logits = torch_greedy(theirs, prompt, max_new_tokens, eos_ids, pad_id)
         mine = tokens[row, :lengths[row]]
@@ -356,16 +377,16 @@ def compare_greedy(theirs, prompts, tokens, lengths, max_new_tokens: int, eos_id
         if prefix == len(expected) == len(mine):
             identical += 1
         elif prefix < common:
-            gap = logits[prefix, expected[prefix]] - logits[prefix, mine[prefix]]
-            ties, unexplained = ties + int(gap <= near_tie), unexplained + int(gap > near_tie)
+            gaps.append(float(logits[prefix, expected[prefix]] - logits[prefix, mine[prefix]]))
         else:  # one side stopped where the other went on: EOS against a token, not a near-tie
-            unexplained += 1
+            gaps.append(float("inf"))
     return [
         Check("greedy tokens agreeing (to 1st divergence)", agreed / total,
               text=f"{agreed}/{total} ({agreed / total:.3f})"),
         Check("greedy sequences identical", identical, text=f"{identical}/{len(prompts)}"),
-        Check(f"greedy divergences at a near-tie (gap <= {near_tie:.2g})", ties),
-        Check("greedy divergences not at a near-tie", unexplained, 0),
+        Check("greedy divergences", len(gaps)),
+        Check("largest logit gap at a divergence", max(gaps, default=0.0),
+              TOLERANCES["divergence_gap"]),
     ]
 
 
@@ -421,7 +442,7 @@ def grpo_responses(greedy: Sequence[np.ndarray], probes: Sequence[Sequence[int]]
 
 
 def compare_grpo(ours, theirs, decode, prompts, truths, greedy, probes, *, group_size: int,
-                 pad_id: int, scale: float) -> list[Check]:
+                 pad_id: int) -> list[Check]:
     import jax.numpy as jnp
     import optax
 
@@ -460,13 +481,13 @@ def compare_grpo(ours, theirs, decode, prompts, truths, greedy, probes, *, group
     return [
         Check(f"GRPO batch: {len(prompts)} prompts x {group_size} responses", 0,
               text=f"{int(response_mask.sum())} tokens"),
-        Check("GRPO advantages max |diff|", advantage_diff, TOLERANCES["advantages"] * scale),
+        Check("GRPO advantages max |diff|", advantage_diff, TOLERANCES["advantages"]),
         Check("GRPO loss ours / torch", loss, text=f"{loss:.6g} / {their_loss:.6g}"),
         Check("GRPO loss relative diff", relative_difference(loss, their_loss),
-              TOLERANCES["loss"] * scale),
+              TOLERANCES["loss"]),
         Check("GRPO grad norm ours / torch", grad_norm, text=f"{grad_norm:.6g} / {their_norm:.6g}"),
         Check("GRPO grad norm relative diff", relative_difference(grad_norm, their_norm),
-              TOLERANCES["grad_norm"] * scale),
+              TOLERANCES["grad_norm"]),
     ]
 
 
@@ -475,8 +496,7 @@ def compare_grpo(ours, theirs, decode, prompts, truths, greedy, probes, *, group
 
 def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str = "test",
             n: int = 8, max_new_tokens: int = 64, group_size: int = 4,
-            max_prompt_tokens: int = 2048, layout: str = "chat",
-            tolerance_scale: float = 1.0, log=print) -> list[Check]:
+            max_prompt_tokens: int = 2048, layout: str = "chat", log=print) -> list[Check]:
     """Every check of the module docstring on the checkpoint ``model_dir``; ``log`` gets one
     line per stage (inputs, versions, timings)."""
     import jax
@@ -492,8 +512,8 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
     from reczero_jax.models.hf import check_model_dir, from_pretrained, stop_token_ids
 
     check_model_dir(model_dir, "--model")
-    if n < 1 or max_new_tokens < 1 or group_size < 2 or tolerance_scale < 0:
-        raise ValueError("need n >= 1, max_new_tokens >= 1, group_size >= 2, tolerance_scale >= 0")
+    if n < 1 or max_new_tokens < 1 or group_size < 2:
+        raise ValueError("need n >= 1, max_new_tokens >= 1, group_size >= 2")
     start = time.perf_counter()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
@@ -508,15 +528,14 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
         log(f"reference: transformers {transformers.__version__}, torch {torch.__version__} (cpu, "
             f"fp32, eager attention); ours: jax {jax.__version__} ({jax.default_backend()}, fp32)")
         log(f"loaded in {time.perf_counter() - start:.1f} s")
-        checks = timed("logits", log, compare_logits, ours, theirs, prompts, pad_id,
-                       tolerance_scale)
+        checks = timed("logits", log, compare_logits, ours, theirs, prompts, pad_id)
         ids, mask = left_pad(prompts, max(map(len, prompts)), pad_id)
         tokens, lengths = timed("our greedy generation", log, our_greedy, ours, ids, mask,
                                 max_new_tokens, eos_ids, pad_id)
         checks += timed("log-probs", log, compare_logprobs, ours, theirs, ids, mask, prompts,
-                        tokens, lengths, tolerance_scale)
+                        tokens, lengths)
         checks += timed("greedy (transformers)", log, compare_greedy, theirs, prompts, tokens,
-                        lengths, max_new_tokens, eos_ids, pad_id, tolerance_scale)
+                        lengths, max_new_tokens, eos_ids, pad_id)
         greedy = [tokens[row, :lengths[row]] for row in range(len(prompts))]
         probes = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in PROBES]
         token_reward = token_reward_for(tokenizer, eos_ids)
@@ -524,7 +543,7 @@ def compare(model_dir: str | Path, *, data: str | Path | None = None, split: str
         checks += timed("rewards", log, compare_rewards, token_reward, decode, greedy + probes,
                         truths + [y for _, y in PROBES])
         checks += timed("GRPO", log, compare_grpo, ours, theirs, decode, prompts, truths, greedy,
-                        probes, group_size=group_size, pad_id=pad_id, scale=tolerance_scale)
+                        probes, group_size=group_size, pad_id=pad_id)
     log(f"compared in {time.perf_counter() - start:.1f} s")
     return checks
 
@@ -558,9 +577,16 @@ def register(subparsers) -> None:
                         help="prompt budget for --data samples (see reczero_jax.prompts)")
     parser.add_argument("--layout", choices=LAYOUTS, default="chat",
                         help="prompt layout for --data samples")
-    parser.add_argument("--tolerance-scale", type=float, default=1.0,
+    parser.add_argument("--tolerance-scale", type=_non_negative, default=1.0,
                         help="multiply every tolerance (0: demand exact equality)")
     parser.set_defaults(func=run_compare)
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: demand exact equality); got {text}")
+    return value
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -568,12 +594,12 @@ def run_compare(args: argparse.Namespace) -> int:
     try:
         checks = compare(args.model, data=args.data, split=args.split, n=args.n,
                          max_new_tokens=args.max_new_tokens, group_size=args.group_size,
-                         max_prompt_tokens=args.max_prompt_tokens, layout=args.layout,
-                         tolerance_scale=args.tolerance_scale)
+                         max_prompt_tokens=args.max_prompt_tokens, layout=args.layout)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    checks = scale_tolerances(checks, args.tolerance_scale)
+    status, result = verdict(checks)
     print(format_table(checks))
-    failed = [check.name for check in checks if not check.ok]
-    print(f"result: FAIL ({'; '.join(failed)})" if failed else "result: PASS")
-    return 1 if failed else 0
+    print(result)
+    return status

@@ -1,6 +1,7 @@
 """`reczero compare` passes on a tiny random Qwen2 checkpoint (prepared verl data in the
 authors' layout) and on SmolLM2-135M (the built-in prompts), fails when its tolerances are
-scaled to zero, and its re-statement of the authors' reward gives the hand-computed rewards."""
+scaled to zero (the same measurements judged again), and its re-statement of the authors'
+reward gives the hand-computed rewards."""
 
 import argparse
 import contextlib
@@ -12,7 +13,16 @@ import pytest
 import torch
 import transformers
 
-from reczero_jax.compare import PROBES, authors_reward, load_prompts, register
+from reczero_jax.compare import (
+    PROBES,
+    authors_reward,
+    compare,
+    format_table,
+    load_prompts,
+    register,
+    scale_tolerances,
+    verdict,
+)
 from reczero_jax.data.verl import VerlConfig, prepare_verl
 from reczero_jax.prompts import INSTRUCTION
 from reczero_jax.rewards import rating_reward
@@ -103,17 +113,24 @@ def authors_verl(tmp_path_factory):
     return prepared_verl(tmp_path_factory.mktemp("verl") / "authors", AUTHORS_TEXTS, authors=True)
 
 
-# Both runs on the tiny model take the same inputs and sizes, so the second compiles nothing.
-TINY_RUN = ("--n", 3, "--max-new-tokens", 8, "--group-size", 3)
+@pytest.fixture(scope="module")
+def tiny_qwen2_compared(tiny_qwen2_dir, authors_verl):
+    """(checks, log lines) of one comparison on the tiny model, judged by the tests at two
+    tolerance scales."""
+    lines = []
+    checks = compare(tiny_qwen2_dir, data=authors_verl, n=3, max_new_tokens=8, group_size=3,
+                     log=lines.append)
+    return checks, lines
 
 
-def test_tiny_qwen2_passes_on_verl_data_in_the_authors_layout(tiny_qwen2_dir, authors_verl,
+def test_tiny_qwen2_passes_on_verl_data_in_the_authors_layout(tiny_qwen2_compared, authors_verl,
                                                               qwen2_tokenizer):
-    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", authors_verl, *TINY_RUN)
-    assert status == 0, stdout
-    assert stdout.rstrip().endswith("result: PASS")
-    assert f"inputs: 3 test samples of {authors_verl}" in stdout
-    assert table_row(stdout, "greedy divergences not at a near-tie") == ["0", "0", "ok"]
+    checks, lines = tiny_qwen2_compared
+    stdout = format_table(checks)
+    assert verdict(checks) == (0, "result: PASS"), stdout
+    assert any(f"inputs: 3 test samples of {authors_verl}" in line for line in lines)
+    assert table_row(stdout, "greedy divergences") == ["0"]
+    assert table_row(stdout, "largest logit gap at a divergence") == ["0", "0.002", "ok"]
     assert table_row(stdout, "reward mismatches") == ["0", "0", "ok"]
     assert float(table_row(stdout, "GRPO grad norm ours / torch")[0]) > 0  # advantages not all 0
     # compare's prompts are the contents tokenised as they are, as the authors' verl does.
@@ -133,13 +150,23 @@ def test_plain_text_verl_prompts_go_through_the_chat_template(tmp_path, qwen2_to
     assert truths == [5, 2, 4]
 
 
-def test_tiny_qwen2_fails_with_zero_tolerance(tiny_qwen2_dir, authors_verl):
-    status, stdout = run_compare("--model", tiny_qwen2_dir, "--data", authors_verl, *TINY_RUN,
-                                 "--tolerance-scale", 0)
-    assert status == 1
+def test_tiny_qwen2_fails_with_zero_tolerance(tiny_qwen2_compared):
+    checks, _ = tiny_qwen2_compared
+    exact = scale_tolerances(checks, 0)
+    status, result = verdict(exact)
     # fp32 sums in another order cannot match to the last bit at every position
-    assert "result: FAIL" in stdout and "logits max |diff|" in stdout.splitlines()[-1]
-    assert table_row(stdout, "reward mismatches")[-1] == "ok"  # the exact checks still hold
+    assert status == 1 and result.startswith("result: FAIL (logits max |diff|")
+    assert table_row(format_table(exact), "reward mismatches")[-1] == "ok"  # exact checks hold
+    assert [check.value for check in exact] == [check.value for check in checks]
+    with pytest.raises(ValueError, match="scale must be >= 0"):
+        scale_tolerances(checks, -1)
+
+
+def test_cli_refuses_a_negative_tolerance_scale(tiny_qwen2_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_compare("--model", tiny_qwen2_dir, "--tolerance-scale", -1)
+    assert exit_info.value.code == 2
+    assert "--tolerance-scale: must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -147,4 +174,5 @@ def test_smollm2_passes(smollm2_dir):
     status, stdout = run_compare("--model", smollm2_dir, "--n", 2, "--max-new-tokens", 4,
                                  "--group-size", 3)
     assert status == 0, stdout
+    assert stdout.rstrip().endswith("result: PASS")
     assert table_row(stdout, "greedy sequences identical") == ["2/2"]
