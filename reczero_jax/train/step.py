@@ -396,24 +396,30 @@ class Trainer:
     def _accumulated_grads(self, params, batch, loss_terms):
         """Full-batch loss and gradient from micro-batches k along the prompt axis:
         loss = sum_k numerator_k / sum_k denominator_k, grad = sum_k grad(numerator_k) / same.
-        Metrics are averaged over micro-batches."""
-        split = self._micro_batches(batch)
+        Metrics are averaged over micro-batches.
 
+        One micro-batch takes the gradient without a loop: a one-step ``lax.scan`` carries a
+        zero gradient tree to add to, and compiled about 10% slower (a tiny GRPO update: 9.4 s
+        against 8.4 s, the means of three interleaved pairs on the 2-core CPU)."""
         def numerator(params, micro_batch):
             terms, metrics = loss_terms(params, micro_batch)
             return terms.numerator, (terms.denominator, metrics)
 
         grad_fn = jax.value_and_grad(numerator, has_aux=True)
+        if self.optim.micro_batches == 1:
+            (num, (den, metrics)), grads = grad_fn(params, batch)
+        else:
+            def accumulate(carry, micro_batch):
+                grads, num, den = carry
+                (n, (d, metrics)), g = grad_fn(params, micro_batch)
+                return (jax.tree.map(jnp.add, grads, g), num + n, den + d), metrics
 
-        def accumulate(carry, micro_batch):
-            grads, num, den = carry
-            (n, (d, metrics)), g = grad_fn(params, micro_batch)
-            return (jax.tree.map(jnp.add, grads, g), num + n, den + d), metrics
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, num, den), metrics = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), split)
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, num, den), metrics = jax.lax.scan(accumulate, (zeros, 0.0, 0.0),
+                                                      self._micro_batches(batch))
+            metrics = jax.tree.map(jnp.mean, metrics)
         den = jnp.maximum(den, 1.0)
-        return num / den, jax.tree.map(lambda g: g / den, grads), jax.tree.map(jnp.mean, metrics)
+        return num / den, jax.tree.map(lambda g: g / den, grads), metrics
 
     def _accumulated_update(self, params, opt_state, batch, loss_terms):
         """``_accumulated_grads``, then clip-by-global-norm + AdamW."""
