@@ -1,5 +1,5 @@
-"""Test set-up: 8 simulated CPU devices, no hub access and one compilation cache for the run,
-set before jax is imported."""
+"""Test set-up: 8 simulated CPU devices, no hub access, one compilation cache for the run and
+the project's XLA flags (``reczero_jax.xla_flags``), set before jax is imported."""
 
 import fcntl
 import os
@@ -23,6 +23,8 @@ if _OWN_CACHE:
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+import reczero_jax  # noqa: E402, F401  (its XLA_FLAGS defaults, before jax starts a backend)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -103,25 +103,32 @@ def materialized(q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array,
     With s1 = q.k_prefix / sqrt(D), s2 = q.k_self / sqrt(D), m = max(s1, s2):
     out = (exp(s1 - m) v_prefix + exp(s2 - m) v_self) / (sum exp(s1 - m) + sum exp(s2 - m)),
     which is softmax attention over the concatenated keys, without copying the prefix G times.
+
+    Scores and weights are laid out as their dots produce them, batch dimensions first:
+    [B, G, K, T, h, S] against own keys, [B, K, G, T, h, P] against the prefix (batched over
+    B and K only). XLA's CPU dots read and write that order, so no [.., T, h, S] tensor is
+    copied transposed, forward or backward; only the per-query max and denominator
+    ([.., 1]) and the [.., D] outputs change order (benchmarks/PROFILE.md).
     """
     b, g, t, h, d = q.shape
     q = _grouped_queries(q, k.shape[-2])
-    scores = jnp.einsum("bgtkhd,bgskd->bgtkhs", q, k.astype(jnp.float32))
-    scores = jnp.where(self_mask[:, :, :, None, None, :], scores, _MASKED)
+    scores = jnp.einsum("bgtkhd,bgskd->bgkths", q, k.astype(jnp.float32))
+    scores = jnp.where(self_mask[:, :, None, :, None, :], scores, _MASKED)
     peak = scores.max(axis=-1, keepdims=True)
     if prefix is not None:
         prefix_k, prefix_v, prefix_mask = prefix
-        prefix_scores = jnp.einsum("bgtkhd,bpkd->bgtkhp", q, prefix_k.astype(jnp.float32))
+        prefix_scores = jnp.einsum("bgtkhd,bpkd->bkgthp", q, prefix_k.astype(jnp.float32))
         prefix_scores = jnp.where(prefix_mask[:, None, None, None, None, :], prefix_scores, _MASKED)
-        peak = jnp.maximum(peak, prefix_scores.max(axis=-1, keepdims=True))
+        peak = jnp.maximum(peak, jnp.swapaxes(prefix_scores.max(axis=-1, keepdims=True), 1, 2))
     weights = jnp.exp(scores - peak)
     denominator = weights.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("bgtkhs,bgskd->bgtkhd", weights, v.astype(jnp.float32))
+    out = jnp.einsum("bgkths,bgskd->bgkthd", weights, v.astype(jnp.float32))
     if prefix is not None:
-        prefix_weights = jnp.exp(prefix_scores - peak)
-        denominator = denominator + prefix_weights.sum(axis=-1, keepdims=True)
-        out = out + jnp.einsum("bgtkhp,bpkd->bgtkhd", prefix_weights, prefix_v.astype(jnp.float32))
-    out = out / denominator[..., 0][..., None]
+        prefix_weights = jnp.exp(prefix_scores - jnp.swapaxes(peak, 1, 2))
+        denominator = denominator + jnp.swapaxes(prefix_weights.sum(axis=-1, keepdims=True), 1, 2)
+        out = out + jnp.swapaxes(
+            jnp.einsum("bkgthp,bpkd->bkgthd", prefix_weights, prefix_v.astype(jnp.float32)), 1, 2)
+    out = jnp.moveaxis(out / denominator, 2, 3)  # [B, G, T, K, h, D]
     return out.reshape(b, g, t, h, d).astype(v.dtype)
 
 
