@@ -147,19 +147,31 @@ class _KeySet(NamedTuple):
     def spec(self) -> str:
         return "bskd" if self.shared else "bgskd"
 
+    @property
+    def tile(self) -> str:
+        """A score tile's layout: its dots' batch dimensions first (B, K against the prefix;
+        B, G, K against own keys), as XLA's CPU dots produce and consume it (see
+        ``materialized``)."""
+        return "bkgths" if self.shared else "bgkths"
+
+    def per_query(self, x: jax.Array) -> jax.Array:
+        """Per-query values between the queries' [B, G, K, t, h, ..] and the tile's order."""
+        return jnp.swapaxes(x, 1, 2) if self.shared else x
+
 
 def _block_scores(keys: _KeySet, q, k, keep, index):
-    """Scores [B, G, t, K, h, bk] of scaled q [B, G, t, K, h, D] against key block ``index``:
+    """Scores (``keys.tile``) of scaled q [B, G, K, t, h, D] against key block ``index``:
     masked keys _MASKED (as the reference), padding keys -inf (weight 0 even in a fully
     masked row). Also returns the broadcast keep mask."""
-    scores = jnp.einsum(f"bgtkhd,{keys.spec}->bgtkhs", q, k)
-    keep = keep[:, None, None, None, None, :] if keys.shared else keep[:, :, :, None, None, :]
+    scores = jnp.einsum(f"bgkthd,{keys.spec}->{keys.tile}", q, k)
+    keep = keep[:, None, None, None, None, :] if keys.shared else keep[:, :, None, :, None, :]
     real = index * keys.block + jnp.arange(keys.block) < keys.length
     return jnp.where(real, jnp.where(keep, scores, _MASKED), -jnp.inf), keep
 
 
 def _chunk_forward(key_sets, q, blocks):
-    """Online softmax of one query chunk over every key block: (out, m, denom)."""
+    """Online softmax of one query chunk over every key block: (out, m, denom), in the
+    queries' layout."""
     m = jnp.full(q.shape[:-1], _MASKED, jnp.float32)  # finite: no inf - inf in the rescale
     denom = jnp.zeros(q.shape[:-1], jnp.float32)
     acc = jnp.zeros_like(q)
@@ -168,11 +180,11 @@ def _chunk_forward(key_sets, q, blocks):
             m, denom, acc = carry
             index, k, v, keep = xs
             scores, _ = _block_scores(keys, q, k, keep, index)
-            m_new = jnp.maximum(m, scores.max(axis=-1))
+            m_new = jnp.maximum(m, keys.per_query(scores.max(axis=-1)))
             rescale = jnp.exp(m - m_new)
-            p = jnp.exp(scores - m_new[..., None])
-            acc = rescale[..., None] * acc + jnp.einsum(f"bgtkhs,{keys.spec}->bgtkhd", p, v)
-            return (m_new, rescale * denom + p.sum(axis=-1), acc), None
+            p = jnp.exp(scores - keys.per_query(m_new)[..., None])
+            acc = rescale[..., None] * acc + jnp.einsum(f"{keys.tile},{keys.spec}->bgkthd", p, v)
+            return (m_new, rescale * denom + keys.per_query(p.sum(axis=-1)), acc), None
 
         (m, denom, acc), _ = jax.lax.scan(step, (m, denom, acc), (jnp.arange(k.shape[0]), k, v, keep))
     return acc / denom[..., None], m, denom
@@ -186,13 +198,15 @@ def _chunk_backward(key_sets, q, blocks, m, denom, d_out, d_lse, delta):
         def step(dq, xs, keys=keys):
             index, k, v, keep = xs
             scores, keep = _block_scores(keys, q, k, keep, index)
-            p = jnp.exp(scores - m[..., None]) / denom[..., None]
-            dv = jnp.einsum(f"bgtkhs,bgtkhd->{keys.spec}", p, d_out)
-            dp = jnp.einsum(f"bgtkhd,{keys.spec}->bgtkhs", d_out, v)
+            tile = lambda x: keys.per_query(x)[..., None]
+            p = jnp.exp(scores - tile(m)) / tile(denom)
+            # The [.., D] operand first: the dot then reads the tile as it lies (XLA:CPU).
+            dv = jnp.einsum(f"bgkthd,{keys.tile}->{keys.spec}", d_out, p)
+            dp = jnp.einsum(f"bgkthd,{keys.spec}->{keys.tile}", d_out, v)
             # d out / d s_j = p_j (v_j - out); d lse / d s_j = p_j; masked scores are constants.
-            ds = jnp.where(keep, p * (dp - delta[..., None] + d_lse[..., None]), 0.0)
-            dk = jnp.einsum(f"bgtkhs,bgtkhd->{keys.spec}", ds, q)
-            return dq + jnp.einsum(f"bgtkhs,{keys.spec}->bgtkhd", ds, k), (dk, dv)
+            ds = jnp.where(keep, p * (dp - tile(delta) + tile(d_lse)), 0.0)
+            dk = jnp.einsum(f"bgkthd,{keys.tile}->{keys.spec}", q, ds)
+            return dq + jnp.einsum(f"{keys.tile},{keys.spec}->bgkthd", ds, k), (dk, dv)
 
         dq, (dk, dv) = jax.lax.scan(step, dq, (jnp.arange(k.shape[0]), k, v, keep))
         grads.append((dk, dv))
@@ -201,7 +215,7 @@ def _chunk_backward(key_sets, q, blocks, m, denom, d_out, d_lse, delta):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(key_sets, q, kv, keeps):
-    """q [nq, B, G, bq, K, h, D] (scaled); kv: per key set (k, v) [nb, B, (G,) bk, K, D];
+    """q [nq, B, G, K, bq, h, D] (scaled); kv: per key set (k, v) [nb, B, (G,) bk, K, D];
     keeps: per key set [nq, nb, B, (G, bq,) bk] bool. Returns (out, lse) per query chunk."""
     return _flash_forward(key_sets, q, kv, keeps)[0]
 
@@ -274,8 +288,9 @@ def blockwise(q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array,
     kv.append(tuple(_split_blocks(x.astype(jnp.float32), 2, keys.block) for x in (k, v)))
     keep = _split_blocks(self_mask.astype(bool), 2, bq)  # [nq, B, G, bq, S]
     keeps.append(_split_blocks(keep, 4, keys.block).swapaxes(0, 1))  # [nq, nb, B, G, bq, bk]
-    out, _ = _flash(tuple(key_sets), _split_blocks(queries, 2, bq), kv, keeps)
-    out = jnp.moveaxis(out, 0, 2).reshape(b, g, nq * bq, h, d)[:, :, :t]
+    queries = _split_blocks(jnp.moveaxis(queries, 3, 2), 3, bq)  # [nq, B, G, K, bq, h, D]
+    out, _ = _flash(tuple(key_sets), queries, kv, keeps)
+    out = out.transpose(1, 2, 0, 4, 3, 5, 6).reshape(b, g, nq * bq, h, d)[:, :, :t]
     return out.astype(v.dtype)
 
 
