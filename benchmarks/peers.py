@@ -28,6 +28,9 @@ Tunix pins other ``transformers`` / ``tokenizers`` / ``safetensors`` than this p
 runs from its own environment (``--tunix-python``, default ``.venv-tunix``, which ``make
 bench`` builds), with ``--xla_cpu_enable_concurrency_optimized_scheduler=false``: with XLA's
 default CPU scheduler its update needed over 24 GiB. SmolLM2 is a Llama: Tunix's llama3 model.
+Its worker inherits this process's ``XLA_FLAGS``, which importing ``reczero_jax`` filled with
+the package's defaults (``reczero_jax.xla_flags``), so both JAX systems compile with the same
+XLA flags and the comparison is of the code, not of the flags.
 
 ML-100k prompts hold at most 10 history entries per side, about 920 tokens with SmolLM2's
 template, so at P = 1024 the prompt is the longest of the records read (the table gives its
