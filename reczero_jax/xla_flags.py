@@ -2,7 +2,11 @@
 imported (before jax starts a backend: XLA reads the variable once, when jax creates its
 first client).
 
-A user's own setting always wins: a flag that ``XLA_FLAGS`` already names is left as it is.
+The defaults are for jax on CPU, so they are added only where no accelerator plugin is
+installed (``libtpu``; ``jax_plugins``, where the CUDA and ROCm plugins live), or where
+``JAX_PLATFORMS`` names ``cpu`` first: another backend's XLA is not asked to parse a flag it
+was not tested with. A user's own setting always wins: a flag that ``XLA_FLAGS`` already
+names is left as it is.
 Importing ``reczero_jax`` after jax has started its backends changes nothing (and says so at
 INFO level), so a script that runs jax code first should import ``reczero_jax`` first or set
 the flags itself. Subprocesses inherit the variable, so every process of a run compiles with
@@ -22,6 +26,7 @@ The defaults and why (measured with ``python -m benchmarks.profile_decode``, see
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -48,11 +53,20 @@ def _backends_started() -> bool:
     return bridge is not None and bridge.backends_are_initialized()
 
 
+def runs_on_cpu(environ=os.environ) -> bool:
+    """Whether jax will compute on its CPU backend: ``JAX_PLATFORMS`` names ``cpu`` first, or,
+    without it, no TPU or GPU plugin is installed."""
+    platforms = environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(name) for name in ("libtpu", "jax_plugins"))
+
+
 def apply_defaults(environ=os.environ) -> bool:
-    """Add the defaults to ``environ["XLA_FLAGS"]``; False (and an INFO line) if jax's backends
-    have already started, so the flags would not take effect."""
+    """Add the defaults to ``environ["XLA_FLAGS"]`` when jax will run on CPU. False (and an
+    INFO line) if jax's backends have already started, so the flags would not take effect."""
     flags = environ.get("XLA_FLAGS", "")
-    if with_defaults(flags) == flags.strip():
+    if not runs_on_cpu(environ) or with_defaults(flags) == flags.strip():
         return True
     if _backends_started():
         _logger.info("XLA_FLAGS defaults not applied (jax's backends have already started): "

@@ -44,10 +44,18 @@ def test_with_defaults_adds_only_what_the_user_did_not_set():
 
 def test_apply_defaults_writes_the_environment_given(monkeypatch):
     monkeypatch.setattr(xla_flags, "_backends_started", lambda: False)  # this process's have
-    environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    environ = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     assert xla_flags.apply_defaults(environ)
     assert environ["XLA_FLAGS"] == (
         f"--xla_force_host_platform_device_count=2 {YNN}=LIBRARY_FUSION_TYPE_DOT")
+
+
+def test_only_for_jax_on_cpu(monkeypatch):
+    monkeypatch.setattr(xla_flags, "_backends_started", lambda: False)
+    for platforms, added in (("cpu", True), ("tpu,cpu", False), ("cuda", False)):
+        environ = {"JAX_PLATFORMS": platforms, "XLA_FLAGS": "--a=1"}
+        xla_flags.apply_defaults(environ)
+        assert (YNN in environ["XLA_FLAGS"]) == added, platforms
 
 
 def test_importing_the_package_first_keeps_reductions_out_of_ynnpack():
