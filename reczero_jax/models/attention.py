@@ -120,6 +120,10 @@ def materialized(q: jax.Array, k: jax.Array, v: jax.Array, self_mask: jax.Array,
         prefix_scores = jnp.einsum("bgtkhd,bpkd->bkgthp", q, prefix_k.astype(jnp.float32))
         prefix_scores = jnp.where(prefix_mask[:, None, None, None, None, :], prefix_scores, _MASKED)
         peak = jnp.maximum(peak, jnp.swapaxes(prefix_scores.max(axis=-1, keepdims=True), 1, 2))
+    # Softmax is shift-invariant, so out does not depend on m and its gradient through m is
+    # exactly 0; autodiff would still spend the max's backward (a compare, select and sum
+    # over every score) computing a value that cancels to rounding.
+    peak = jax.lax.stop_gradient(peak)
     weights = jnp.exp(scores - peak)
     denominator = weights.sum(axis=-1, keepdims=True)
     out = jnp.einsum("bgkths,bgskd->bgkthd", weights, v.astype(jnp.float32))
