@@ -32,7 +32,8 @@ Update phase (``Trainer.grpo_update``: forward, backward, AdamW)
               (float32 in the attention), its output, the MLP's gate, up and their product
         plus what the attention implementation keeps (``attention_bytes``, model.attention;
               ``auto`` on a TPU slice is splash), for n queries that each see S keys:
-              materialized  8 (H/t) n S: float32 scores and softmax, both materialised
+              materialized  4 (H/t) n S: the float32 softmax weights (the max they subtract
+                            takes no gradient, so the scores are not kept)
               blockwise     4 (H/t) n (D + 2): float32 output, running max and denominator
               splash        (H/t) n (c D + 4) + the [prefix; self] keys and values,
                             2 (sequences) S (K/t) D c
@@ -231,7 +232,7 @@ def attention_bytes(attention: str, sequences: float, queries: int, keys: int,
     ``sequences`` sequences of ``queries`` queries, each seeing ``keys`` keys of which
     ``self_keys`` its own (the rest a shared prefix); n = sequences x queries query rows.
 
-        materialized: kept 8 H n keys (float32 scores and softmax)
+        materialized: kept 4 H n keys (the float32 softmax weights)
         blockwise:    kept 4 H n (D + 2) (float32 output, running max, denominator);
                       transient: 8 float32 tiles of 512 x 512 per head and sequence (the
                       backward's scores, weights and their cotangents), and the
@@ -241,7 +242,7 @@ def attention_bytes(attention: str, sequences: float, queries: int, keys: int,
     """
     rows = sequences * queries
     if attention == "materialized":
-        return 8 * heads * rows * keys, 0.0
+        return 4 * heads * rows * keys, 0.0
     if attention == "blockwise":
         tiles = 8 * 4 * sequences * min(queries, ATTENTION_BLOCK) * heads * min(
             keys, ATTENTION_BLOCK)
