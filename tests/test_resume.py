@@ -1,7 +1,7 @@
-"""Exact resume of `reczero train`: killed (SIGKILL) after a checkpoint and resumed, a run is
-the uninterrupted run bit for bit; SIGTERM saves the current step and exits 0; a RecOne run
-resumed in its GRPO phase does not redo SFT, and may go on on another mesh; the logs of a
-resumed run read as one run."""
+"""Exact resume of `reczero train`: killed (SIGKILL) after a checkpoint, or stopped by SIGTERM
+(which saves the current step and exits 0), and resumed, a run is the uninterrupted run bit
+for bit; a RecOne run resumed in its GRPO phase does not redo SFT, and may go on on another
+mesh; the logs of a resumed run read as one run."""
 
 import argparse
 import json
@@ -69,15 +69,20 @@ def without_timings(row):
 
 
 @pytest.mark.slow
-# One arm runs LoRA and dynamic sampling together: each arm costs minutes of subprocess runs.
-@pytest.mark.parametrize("variant", [(), ("model.lora.rank=4", "grpo.kl_coef=0.01",
-                                          "grpo.dynamic_sampling=true",
-                                          "grpo.max_sampling_rounds=2")],
-                         ids=["full", "lora_dynamic_sampling"])
-def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_dir,
-                                                          small_ml100k, variant):
-    """Also with LoRA (adapters alone checkpointed, the frozen base as the KL reference), and
-    with dynamic sampling (its rounds advance the data iterator and fold the RNG)."""
+# Each arm costs minutes of subprocess runs, so each covers two things: full fine-tuning is
+# stopped by SIGTERM (a preemption notice), LoRA with dynamic sampling by SIGKILL.
+@pytest.mark.parametrize("variant, stop", [
+    ((), signal.SIGTERM),
+    (("model.lora.rank=4", "grpo.kl_coef=0.01", "grpo.dynamic_sampling=true",
+      "grpo.max_sampling_rounds=2"), signal.SIGKILL),
+], ids=["full_sigterm", "lora_dynamic_sampling_sigkill"])
+def test_stopped_run_resumes_bit_for_bit(tmp_path, tiny_model_dir, small_ml100k, variant, stop):
+    """SIGKILL after a periodic checkpoint (step 3): the resumed run rewinds the logs written
+    after it and goes on from it. SIGTERM during the first steps: the run saves the step it is
+    on, exits 0 without exporting, and the resumed run goes on from that step. Either way the
+    resumed run is the uninterrupted one bit for bit. Also with LoRA (adapters alone
+    checkpointed, the frozen base as the KL reference), and with dynamic sampling (its rounds
+    advance the data iterator and fold the RNG)."""
     lora = "model.lora.rank=4" in variant
 
     def overrides(run_dir):
@@ -90,22 +95,34 @@ def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_
                         # rounds and updates on groups that filled up.)
                         "grpo.entropy_coef=0.01", *variant)
 
-    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
     # The uninterrupted run in this process: the subprocesses get its XLA flags and matmul
     # precision, so they compile the same programs, and its own start would cost seconds.
     run(load_config(None, overrides(straight_dir)))
 
-    killed = start_train(tmp_path, "killed", overrides(killed_dir))
-    wait_for(lambda: (killed_dir / "checkpoints" / "3").exists(), killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait(60)
-    assert not (killed_dir / "checkpoints" / "6").exists()
-    output = finish(start_train(tmp_path, "resumed", overrides(killed_dir)), tmp_path, "resumed")
-    assert "from checkpoint step 3 (grpo step 3 of 6)" in output
+    stopped = start_train(tmp_path, "stopped", overrides(stopped_dir))
+    if stop == signal.SIGKILL:
+        wait_for(lambda: (stopped_dir / "checkpoints" / "3").exists(), stopped)
+        stopped.send_signal(stop)
+        stopped.wait(60)
+        assert not (stopped_dir / "checkpoints" / "6").exists()
+        resumed_from = 3
+    else:
+        wait_for(lambda: (stopped_dir / "metrics.jsonl").exists()
+                 and '"grpo"' in (stopped_dir / "metrics.jsonl").read_text(), stopped)
+        stopped.send_signal(stop)
+        output = finish(stopped, tmp_path, "stopped", timeout=120)
+        resumed_from = max(r["step"] for r in rows(stopped_dir) if r["phase"] == "grpo")
+        assert 1 <= resumed_from < 6
+        assert f"SIGTERM: stopped after step {resumed_from}" in output
+        assert max(Checkpointer(stopped_dir / "checkpoints").all_steps()) == resumed_from
+        assert not (stopped_dir / "export").exists()
+    output = finish(start_train(tmp_path, "resumed", overrides(stopped_dir)), tmp_path, "resumed")
+    assert f"from checkpoint step {resumed_from} (grpo step {resumed_from} of 6)" in output
     assert "[reczero] zero-shot:" not in output  # not evaluated again
 
     straight_leaves, straight_end = restored_state(straight_dir, 6)
-    resumed_leaves, resumed_end = restored_state(killed_dir, 6)
+    resumed_leaves, resumed_end = restored_state(stopped_dir, 6)
     assert len(straight_leaves) == len(resumed_leaves) > 0
     saved = [".".join(map(str, path)) for path, _ in nnx.to_flat_state(resumed_end.params)]
     assert all(("adapters" in name) == bool(lora) for name in saved), saved
@@ -113,7 +130,7 @@ def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_
         assert a.dtype == b.dtype and np.array_equal(a, b)
     assert resumed_end.data_state == straight_end.data_state  # the iterator's position
     # The same log, row for row: batches (prompt tokens), rewards, losses, validation.
-    straight_rows, resumed_rows = rows(straight_dir), rows(killed_dir)
+    straight_rows, resumed_rows = rows(straight_dir), rows(stopped_dir)
     assert [(r["phase"], r["step"]) for r in resumed_rows] == [
         ("eval zero-shot", 0), ("grpo", 1), ("grpo", 2), ("val", 2), ("grpo", 3), ("grpo", 4),
         ("val", 4), ("grpo", 5), ("grpo", 6), ("val", 6), ("eval after GRPO", 6)]
@@ -121,28 +138,10 @@ def test_run_killed_after_a_checkpoint_resumes_bit_for_bit(tmp_path, tiny_model_
     grpo_rows = [r for r in resumed_rows if r["phase"] == "grpo"]
     assert all(r["grad_norm"] > 0 for r in grpo_rows)
     assert len({r["loss"] for r in grpo_rows}) > 1 and len({r["prompt_tokens"] for r in grpo_rows}) > 1
-    assert (killed_dir / "eval.json").read_text().count("after GRPO") == 1
+    assert (stopped_dir / "eval.json").read_text().count("after GRPO") == 1
     if "grpo.dynamic_sampling=true" in variant:
         assert all((r["sampling_rounds"], r["groups_kept"], r["prompts_consumed"]) == (2, 0, 4)
                    for r in grpo_rows)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path, tiny_model_dir, small_ml100k):
-    run_dir = tmp_path / "run"
-    process = start_train(tmp_path, "run", tiny_run(
-        run_dir, tiny_model_dir, small_ml100k, "algorithm=reczero", "train.steps=200",
-        "train.checkpoint_every=1000"))
-    wait_for(lambda: (run_dir / "metrics.jsonl").exists()
-             and '"grpo"' in (run_dir / "metrics.jsonl").read_text(), process)
-    process.send_signal(signal.SIGTERM)
-    output = finish(process, tmp_path, "run", timeout=120)
-
-    last = max(r["step"] for r in rows(run_dir) if r["phase"] == "grpo")
-    assert 1 <= last < 200
-    assert Checkpointer(run_dir / "checkpoints").all_steps() == [last]
-    assert f"SIGTERM: stopped after step {last}" in output
-    assert not (run_dir / "export").exists()
 
 
 @pytest.mark.slow
