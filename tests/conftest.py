@@ -1,5 +1,5 @@
-"""Test set-up: 8 simulated CPU devices, no hub access, one compilation cache for the run and
-the project's XLA flags (``reczero_jax.xla_flags``), set before jax is imported."""
+"""Test set-up: 8 simulated CPU devices, no hub access, one compilation cache for the run (of
+every program) and the project's XLA flags (``reczero_jax.xla_flags``), set before jax is imported."""
 
 import fcntl
 import os
@@ -20,6 +20,10 @@ _OWN_CACHE = ("PYTEST_XDIST_WORKER" not in os.environ
               and "JAX_COMPILATION_CACHE_DIR" not in os.environ)
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="reczero-test-jit-")
+# Every program, not only those that took a second to compile: the many small ones (random
+# init per shape, optimizer init, slices) are compiled again by each process otherwise. It cut
+# the CPU time of two groups of modules by 7.5 % and 3 % (two workers, one run each).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
