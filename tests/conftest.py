@@ -38,16 +38,17 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-# The modules that take 30 s or more, longest first (summed test times of a `make test` run on
+# The modules that take 20 s or more, longest first (summed test times of a `make test` run on
 # the 2-core machine). `make test` hands whole modules to its two workers in collection order
 # (--dist loadfile --no-loadscope-reorder), so the long ones start first and the short ones
 # fill in at the end: the workers then finish within seconds of each other. xdist's own order
 # (most tests first) left one worker alone for about 90 s. A stale list costs only balance.
-LONGEST_FIRST = ("test_resume", "test_train_step", "test_compare", "test_plan", "test_loop",
-                 "test_lora", "test_learning", "test_lengths", "test_multiprocess_loop",
-                 "test_attention", "test_benchmarks_train_step", "test_sampling", "test_rewards",
-                 "test_rollout_layout", "test_torch_parity", "test_gguf", "test_quality",
-                 "test_data_cli", "test_grpo", "test_checkpoint", "test_sampling_hf")
+LONGEST_FIRST = ("test_train_step", "test_resume", "test_compare", "test_learning", "test_plan",
+                 "test_multiprocess_loop", "test_lora", "test_sampling", "test_loop",
+                 "test_rewards", "test_rollout_layout", "test_lengths", "test_attention",
+                 "test_benchmarks_train_step", "test_grpo", "test_torch_parity", "test_quality",
+                 "test_data_cli", "test_gguf", "test_sampling_hf", "test_evaluate",
+                 "test_baselines", "test_checkpoint", "test_dynamic", "test_hf")
 
 
 def pytest_collection_modifyitems(config, items):
