@@ -4,7 +4,7 @@
   once, its G responses attend to its keys and values;
 * ``naive``: the same step with ``shared_prompt=False`` (the prompt repeated G times);
 * ``materialized``, ``blockwise``: ``shared`` with that ``model.attention`` (``shared`` has
-  ``auto``: on CPU materialized up to 1024 keys, blockwise beyond);
+  ``auto``: on CPU materialized up to 1536 keys, blockwise beyond);
   ``blockwise+chunks``: blockwise and ``grpo.logprob_chunk=64`` (the LM head over 64 positions
   at a time); for each jax arm also the compiled update's per-device peak (XLA's memory
   analysis, ``Trainer.memory_report``);

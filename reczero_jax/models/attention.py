@@ -56,10 +56,20 @@ decoder; times from a 2-core machine shared with other jobs, so only roughly):
 
 and on SmolLM2-135M (30 layers, remat), ``make demo``'s SFT step (2 sequences of up to 704
 tokens) on a quiet 2-core Xeon: 38-48 s materialized, 51-60 s blockwise (its 512-key blocks
-pad 704 keys to 1024). On CPU the scores live in host memory, which a short sequence does
-not strain, so blockwise starts where the tables above show it saving memory at no cost in
-time (past 1k keys); materialized also compiles faster (tiny test model's GRPO gradients: 16
-vs 20 CPU-seconds).
+pad 704 keys to 1024). Since the scores are laid out in their dots' order (session 13),
+SmolLM2's GRPO update (``benchmarks.train_step``'s ``materialized`` arm against ``shared``,
+whose ``auto`` was then blockwise past 1024 keys, interleaved, two rounds per process; two
+processes at 1280 keys, one at 2176; the keys of the responses' pass, P + R):
+
+    (P, R, G)        keys    peak GiB                   warm s/step
+                             materialized  blockwise    materialized  blockwise
+    (1024, 256, 8)   1280    12.31         9.67         40.8-43.5     46.9-50.5
+    (2048, 128, 8)   2176    14.61         8.12         60.9, 62.7    63.2, 63.5
+
+On CPU the scores live in host memory, which a short sequence does not strain, so blockwise
+starts where it saves memory at little cost in time: past ``CPU_MATERIALIZED_MAX_KEYS`` =
+1536 keys (three 512-key blocks). Materialized also compiles faster (tiny test model's GRPO
+gradients: 16 vs 20 CPU-seconds).
 """
 
 from __future__ import annotations
@@ -82,7 +92,7 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 IMPLEMENTATIONS = ATTENTIONS  # config.py holds the names; this module the code behind them
 BLOCK_Q = 512
 BLOCK_K = 512
-CPU_MATERIALIZED_MAX_KEYS = 1024  # CPU's auto: materialized up to here (module docstring)
+CPU_MATERIALIZED_MAX_KEYS = 1536  # CPU's auto: materialized up to here (module docstring)
 
 Prefix = tuple[jax.Array, jax.Array, jax.Array]
 
