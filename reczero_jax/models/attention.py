@@ -66,6 +66,9 @@ processes at 1280 keys, one at 2176; the keys of the responses' pass, P + R):
     (1024, 256, 8)   1280    12.31         9.67         40.8-43.5     46.9-50.5
     (2048, 128, 8)   2176    14.61         8.12         60.9, 62.7    63.2, 63.5
 
+(at 2176 keys the materialized arm also attends the 2048-token prompt pass materialized,
+most of its extra memory). The 4-layer decoder above at (1024, 128, 8), 1152 keys, re-timed
+the same way in one run: 1.189 s materialized, 1.351 s blockwise (benchmarks/PROFILE.md).
 On CPU the scores live in host memory, which a short sequence does not strain, so blockwise
 starts where it saves memory at little cost in time: past ``CPU_MATERIALIZED_MAX_KEYS`` =
 1536 keys (three 512-key blocks). Materialized also compiles faster (tiny test model's GRPO
