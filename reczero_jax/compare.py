@@ -470,7 +470,8 @@ def compare_grpo(ours, theirs, decode, prompts, truths, greedy, probes, *, group
         format_ok=jnp.asarray(host > -1).reshape(-1, group_size),
         ratings=jnp.zeros(lengths.shape, jnp.float32), lengths=jnp.asarray(lengths))
     trainer = Trainer(ours, single_device_mesh(), OptimConfig(),
-                      GRPOConfig(group_size=group_size, max_new_tokens=length, clip_eps=CLIP_EPS))
+                      GRPOConfig(group_size=group_size, max_new_tokens=length, clip_eps=CLIP_EPS),
+                      gradients_only=True)
     loss, grads = trainer.grpo_loss_and_grads(rollout)
     loss, grad_norm = float(loss), float(optax.tree.norm(grads))
 

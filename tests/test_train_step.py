@@ -26,8 +26,9 @@ from tests.helpers import (
 )
 
 
-def loss_and_grads(mesh, optim=None, grpo_config=None):
-    trainer = Trainer(tiny_model(mesh=mesh), mesh, optim or OptimConfig(), grpo_config)
+def loss_and_grads(mesh, optim=None, grpo_config=None, gradients_only=False):
+    trainer = Trainer(tiny_model(mesh=mesh), mesh, optim or OptimConfig(), grpo_config,
+                      gradients_only=gradients_only)
     return trainer, trainer.grpo_loss_and_grads(fake_rollout())
 
 
@@ -37,9 +38,22 @@ def single():
 
 
 def test_shared_prompt_forward_matches_naive_in_loss_and_gradients(single):
+    # Also: a gradients-only trainer (no optimizer state) gives the full trainer's gradients.
     _, naive = loss_and_grads(meshlib.make_mesh(1, 1, 1),
-                              grpo_config=GRPOConfig(shared_prompt=False))
+                              grpo_config=GRPOConfig(shared_prompt=False), gradients_only=True)
     assert_same_loss_and_grads(naive, single[1])
+
+
+def test_gradients_only_trainer_holds_no_optimizer_state_and_refuses_to_update():
+    trainer = Trainer(tiny_model(), meshlib.make_mesh(1, 1, 1), OptimConfig(),
+                      gradients_only=True)
+    assert trainer.opt_state is None
+    ids = np.ones((B, 8), np.int32)
+    for update in (lambda: trainer.grpo_step(fake_rollout()),
+                   lambda: trainer.sft_step(ids, ids, ids),
+                   lambda: trainer.memory_report(fake_rollout())):
+        with pytest.raises(ValueError, match="built with gradients_only=True"):
+            update()
 
 
 def test_mesh_step_matches_one_device(single):
@@ -82,9 +96,10 @@ def test_sampled_rollout_updates_on_a_data_parallel_mesh():
 def test_micro_batches_accumulate_exactly():
     for agg in ("token-mean", "seq-mean-token-mean"):
         config = GRPOConfig(loss_agg=agg)
-        _, whole = loss_and_grads(meshlib.make_mesh(1, 1, 1), grpo_config=config)
-        _, split = loss_and_grads(meshlib.make_mesh(1, 1, 1),
-                                  optim=OptimConfig(micro_batches=2), grpo_config=config)
+        _, whole = loss_and_grads(meshlib.make_mesh(1, 1, 1), grpo_config=config,
+                                  gradients_only=True)
+        _, split = loss_and_grads(meshlib.make_mesh(1, 1, 1), optim=OptimConfig(micro_batches=2),
+                                  grpo_config=config, gradients_only=True)
         assert_same_loss_and_grads(split, whole, atol=1e-6)
 
 

@@ -123,14 +123,21 @@ class Trainer:
     ``jax.ShapeDtypeStruct`` s on their shardings instead of arrays: its updates lower and
     compile (``memory_report``) without allocating anything (``reczero plan --compile``);
     they cannot run.
+
+    ``gradients_only``: no optimizer state is allocated (AdamW's two moments, twice the
+    parameters' bytes), so the trainer gives losses, gradients and log-probs
+    (``grpo_loss_and_grads``, ``with_policy_logprobs``) but cannot update, e.g. for
+    ``reczero compare``. ``optim.micro_batches`` still splits the gradient's batch.
     """
 
     def __init__(self, model: Decoder, mesh: Mesh, optim: OptimConfig, grpo_config: GRPOConfig
-                 | None = None, reference: Decoder | None = None, *, abstract: bool = False):
+                 | None = None, reference: Decoder | None = None, *, abstract: bool = False,
+                 gradients_only: bool = False):
         self.mesh = mesh
         self.optim = optim
         self.grpo_config = grpo_config or GRPOConfig()
         self.abstract = abstract
+        self.gradients_only = gradients_only
         self.lora = has_lora(model)
         if self.lora:
             self.graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
@@ -149,7 +156,9 @@ class Trainer:
         self.opt_sharding = optax.tree_map_params(
             self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params),
             self.param_sharding, transform_non_params=lambda _: replicated)
-        if abstract:
+        if gradients_only:
+            self.opt_state = None
+        elif abstract:
             self.opt_state = _shapes_on(jax.eval_shape(self.tx.init, self.params),
                                         self.opt_sharding)
         else:
@@ -185,6 +194,12 @@ class Trainer:
         """The current policy as a module (shares the trainer's parameter arrays)."""
         return self._merge(self.params, self.frozen)
 
+    def _require_optimizer(self) -> None:
+        if self.gradients_only:
+            raise ValueError("this Trainer was built with gradients_only=True and holds no "
+                             "optimizer state to update: build it without gradients_only to "
+                             "train or to compile an update")
+
     def check_batch(self, num_prompts: int) -> None:
         """Readable errors, before compiling, for a batch that cannot be split as configured."""
         check_batch_split(num_prompts, self.optim.micro_batches,
@@ -216,6 +231,7 @@ class Trainer:
     def grpo_step(self, rollout_batch: Rollout) -> dict[str, Any]:
         """One policy update on a scored rollout (``trimmed`` to what was generated); returns
         host metrics."""
+        self._require_optimizer()
         self.check_batch(rollout_batch.responses.shape[0])
         rollout_batch = self.trimmed(rollout_batch)
         self.params, self.opt_state, metrics = self.grpo_update(
@@ -252,6 +268,7 @@ class Trainer:
 
     def sft_step(self, input_ids, attention_mask, loss_mask) -> dict[str, Any]:
         """One SFT update: next-token loss where ``loss_mask`` [B, T] marks response tokens."""
+        self._require_optimizer()
         self.check_batch(np.shape(input_ids)[0])
         batch = self.place(tuple(jnp.asarray(a) for a in (input_ids, attention_mask, loss_mask)))
         self.params, self.opt_state, metrics = self.sft_update(self.params, self.opt_state, batch,
@@ -265,6 +282,7 @@ class Trainer:
 
     def memory_report(self, rollout_batch: Rollout) -> dict[str, float]:
         """Per-device bytes of the compiled GRPO update (XLA's memory analysis)."""
+        self._require_optimizer()
         compiled = self.grpo_update.lower(self.params, self.opt_state, self.place(rollout_batch),
                                           self.ref_params, self.frozen).compile()
         analysis = compiled.memory_analysis()
